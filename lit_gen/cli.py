@@ -1,0 +1,162 @@
+"""The ``lit-gen`` command.
+
+    lit-gen fit|validate|test -c RECIPE.yaml [-c OVERLAY.yaml ...] [--section.key value ...] [--ckpt_path last]
+    lit-gen shards SRC --out DIR [--shard-size N] [--image-size S] [--seed S]
+    lit-gen sample --ckpt PATH --n N [--steps K] [--sampler NAME] [--seed S] [--label L] [--guidance G] --out F
+    lit-gen export --ckpt PATH --out FILE.safetensors [--weights ema|raw]
+
+Training verbs are LightningCLI (recipes are its YAML); the plain tools are argparse. Every user-fixable problem is
+a ``LitGenError`` and is printed as one line (``lit-gen: error: ...``), exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lit_gen.errors import LitGenError
+
+TRAIN_VERBS = ("fit", "validate", "test")
+DEFAULT_ROOT = "runs/default"
+
+
+def lightning_cli(args: list[str], run: bool = True) -> Any:
+    """LightningCLI with lit_gen's defaults: checkpoints in ``<default_root_dir>/checkpoints`` (``last.ckpt``
+    kept) and TensorBoard logs in ``<default_root_dir>/tb``. ``run=False`` (args without the verb) only parses
+    and instantiates — what the recipe tests use."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    class LitGenCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+            trainer = config.trainer
+            root = trainer.default_root_dir or DEFAULT_ROOT
+            trainer.default_root_dir = root
+            for callback in trainer.callbacks or []:
+                if str(callback.class_path).endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
+                    callback.init_args.dirpath = str(Path(root) / "checkpoints")
+            if trainer.logger in (None, True):
+                from jsonargparse import Namespace
+
+                trainer.logger = Namespace(
+                    class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                    init_args=Namespace(save_dir=root, name="tb", version=""),
+                )
+
+    return LitGenCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- plain tools
+def _cmd_shards(ns: argparse.Namespace) -> None:
+    from lit_gen.data.shards import write_shards
+
+    start = time.time()
+    command = "lit-gen shards " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+    info = write_shards(
+        ns.src, ns.out, shard_size=ns.shard_size, image_size=ns.image_size, seed=ns.seed, command=command
+    )
+    print(
+        f"wrote {info['num_samples']} {info['kind']} samples of shape {info['shape']} "
+        f"({info['num_classes']} classes) in {len(info['shards'])} shard(s) to {ns.out} in {time.time() - start:.1f}s"
+    )
+
+
+def _cmd_sample(ns: argparse.Namespace) -> None:
+    import torch
+
+    from lit_gen.export import load_model
+    from lit_gen.viz import samples_picture, save_png
+
+    out = Path(ns.out)
+    if out.suffix not in (".png", ".npy"):
+        raise LitGenError(f"--out must end in .png or .npy, got {out}")
+    model = load_model(ns.ckpt, weights=ns.weights)
+    start = time.time()
+    samples = model.sample(
+        ns.n, steps=ns.steps, sampler=ns.sampler, seed=ns.seed, label=ns.label, guidance=ns.guidance, device=ns.device
+    )
+    kind = model.data_info["kind"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        array = samples.round().clamp(0, 255).to(torch.uint8) if kind == "image" else samples
+        np.save(out, array.numpy())
+    else:
+        save_png(samples_picture(samples, kind), out)
+    print(f"wrote {ns.n} samples to {out} in {time.time() - start:.1f}s")
+
+
+def _cmd_export(ns: argparse.Namespace) -> None:
+    from lit_gen.export import export
+
+    path = export(ns.ckpt, ns.out, weights=ns.weights)
+    print(f"exported {ns.weights} weights of {ns.ckpt} to {path}")
+
+
+def _tools_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lit-gen", description="lit_gen: diffusion teachers and fast students.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb in TRAIN_VERBS:
+        sub.add_parser(verb, help=f"LightningCLI {verb}: lit-gen {verb} -c RECIPE.yaml [--key value ...]")
+
+    p = sub.add_parser("shards", help="write WebDataset shards + dataset.json from images, arrays or built-ins")
+    p.add_argument("src", help="image folder (class = sub-folder), .npy/.npz, builtin:digits, builtin:toy2d:<name>")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    p.add_argument("--image-size", type=int, default=None, help="resize shorter side + centre-crop to this size")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated built-ins (default 0)")
+    p.set_defaults(func=_cmd_shards)
+
+    p = sub.add_parser("sample", help="sample from a checkpoint or exported file to a PNG picture or .npy array")
+    p.add_argument("--ckpt", required=True, help="a .ckpt written by lit-gen fit or an exported .safetensors")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, teachers 18)")
+    p.add_argument("--sampler", default=None, help="heun | euler | ddim (default: the model's, teachers heun)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same samples")
+    p.add_argument("--label", type=int, default=None, help="class label (class-conditional models; default random)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", required=True, help="FILE.png (grid / density picture) or FILE.npy (data units)")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("export", help="checkpoint -> one self-describing .safetensors file")
+    p.add_argument("--ckpt", required=True, help="a .ckpt written by lit-gen fit")
+    p.add_argument("--out", required=True, help="FILE.safetensors")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in TRAIN_VERBS:
+            lightning_cli(argv)
+            return 0
+        ns = _tools_parser().parse_args(argv)
+        ns.func(ns)
+        return 0
+    except LitGenError as err:
+        print(f"lit-gen: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("lit-gen: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""One student/teacher format: read a lit_gen checkpoint or exported file, rebuild the denoiser, sample from it.
+
+Files:
+- ``.ckpt`` written by ``lit-gen fit``: a Lightning checkpoint whose ``lit_gen`` section describes the network,
+  parameterisation, data and sampling defaults (``GenerativeMethod.describe``). Read with ``weights_only=True``:
+  loading never executes pickled code.
+- ``.safetensors`` written by ``lit-gen export``: the weights (EMA by default) plus the same description as JSON in
+  the file's metadata under ``lit_gen``.
+
+Network and parameterisation classes are rebuilt by ``lit_gen.spec.build``, which imports only from ``lit_gen.``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lit_gen.data.info import denormalize
+from lit_gen.diffusion import SAMPLERS, AutoGuidanceDenoiser, CFGDenoiser, sample
+from lit_gen.errors import LitGenError
+from lit_gen.spec import build
+
+NET_PREFIX = "net."
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning ``.ckpt`` safely (``weights_only=True``) with a one-line error for every failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise LitGenError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LitGenError(f"refusing to load {path}: it holds objects that would run code when unpickled ({first})")
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LitGenError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {first}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise LitGenError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    if "lit_gen" not in checkpoint:
+        raise LitGenError(f"{path} was not written by lit_gen (no 'lit_gen' section)")
+    return checkpoint
+
+
+def net_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trainable network's tensors, without the module prefix."""
+    return {k[len(NET_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(NET_PREFIX)}
+
+
+def read_model_file(path: str | Path, weights: str = "ema") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(description, network weights) from a ``.ckpt`` or an exported ``.safetensors`` file.
+
+    ``weights`` = "ema" (the averaged weights when the run kept an EMA, else the raw ones) or "raw".
+    """
+    if weights not in ("ema", "raw"):
+        raise LitGenError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise LitGenError(f"model file {path} does not exist")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise LitGenError(f"cannot read {path} (truncated or not a safetensors file?): {err}") from None
+        if "lit_gen" not in metadata:
+            raise LitGenError(f"{path} has no lit_gen description in its metadata; export it with `lit-gen export`")
+        description = json.loads(metadata["lit_gen"])
+        if weights == "raw" and description.get("weights") != "raw":
+            raise LitGenError(f"{path} holds {description.get('weights')} weights only; export again with --weights raw")
+        return description, tensors
+    checkpoint = read_checkpoint(path)
+    description = dict(checkpoint["lit_gen"])
+    state = checkpoint["state_dict"]
+    if weights == "raw" and "current_model_state" in checkpoint:
+        state = checkpoint["current_model_state"]
+    has_ema = "current_model_state" in checkpoint
+    description["weights"] = "ema" if (weights == "ema" and has_ema) else "raw"
+    return description, net_weights(state)
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser rebuilt from a file: network + parameterisation + data description + sampling defaults."""
+
+    net: nn.Module
+    param: Any
+    description: dict[str, Any]
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        return self.description["data"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.net.init_args.get("num_classes", 0) or 0)
+
+    def denoiser(self, guidance: float = 1.0, bad: LoadedModel | None = None) -> Any:
+        """``D(x, sigma, label)``; with ``guidance != 1`` classifier-free guided (or autoguided by ``bad``)."""
+
+        def base(x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+            return self.param.denoise(self.net, x, sigma, label)
+
+        if bad is not None:
+            return AutoGuidanceDenoiser(base, bad.denoiser(), guidance)
+        if guidance == 1.0:
+            return base
+        if self.num_classes == 0:
+            raise LitGenError("classifier-free guidance needs a class-conditional model; this one has no classes")
+        return CFGDenoiser(base, guidance, null_label=self.num_classes)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        steps: int | None = None,
+        sampler: str | None = None,
+        seed: int = 0,
+        label: int | None = None,
+        guidance: float = 1.0,
+        batch_size: int = 1024,
+        device: str | torch.device = "cpu",
+        raw: bool = False,
+    ) -> torch.Tensor:
+        """``n`` samples in the data's own units (uint8-range floats for images, original units for points).
+
+        ``raw=True`` returns the model-space tensor instead. The same seed gives the same samples.
+        """
+        defaults = self.description.get("sampling", {})
+        steps = int(steps or defaults.get("steps", 18))
+        sampler = sampler or defaults.get("sampler", "heun")
+        if sampler not in SAMPLERS:
+            raise LitGenError(f"unknown sampler {sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+        if steps < 1:
+            raise LitGenError(f"--steps must be at least 1, got {steps}")
+        if label is not None and not 0 <= label < max(self.num_classes, 1):
+            raise LitGenError(f"--label {label} is out of range for a model with {self.num_classes} classes")
+        self.net.to(device).eval()
+        shape = list(self.data_info["shape"])
+        denoiser = self.denoiser(guidance)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        sigmas = None
+        if sampler == "ddim" and getattr(self.param, "kind", "") == "vp":
+            sigmas = self.param.sigmas_uniform_t(steps).to(device)
+        out = []
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            labels = None
+            if self.num_classes:
+                labels = (
+                    torch.full((b,), label, dtype=torch.long, device=device)
+                    if label is not None
+                    else torch.randint(0, self.num_classes, (b,), generator=generator, device=device)
+                )
+            x = sample(
+                denoiser,
+                [b, *shape],
+                steps=steps,
+                sampler=sampler,
+                sigmas=sigmas,
+                sigma_min=self.param.sigma_min,
+                sigma_max=self.param.sigma_max,
+                label=labels,
+                generator=generator,
+                device=device,
+            )
+            out.append(x.float().cpu())
+        x = torch.cat(out)
+        return x if raw else denormalize(x, self.data_info)
+
+
+def load_model(path: str | Path, weights: str = "ema") -> LoadedModel:
+    """Rebuild the denoiser from a ``.ckpt`` or exported ``.safetensors`` — the path is all it needs."""
+    description, tensors = read_model_file(path, weights)
+    try:
+        net = build(description["net"])
+        param = build(description["param"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise LitGenError(f"{path}: cannot rebuild the model it describes: {err}") from None
+    missing, unexpected = net.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise LitGenError(
+            f"{path}: weights do not match the described network (missing {len(missing)}, unexpected "
+            f"{len(unexpected)}, e.g. {(missing or unexpected)[0]})"
+        )
+    net.eval().requires_grad_(False)
+    if description.get("data") is None:
+        raise LitGenError(f"{path} has no data description (was it trained without `lit-gen shards` data?)")
+    return LoadedModel(net=net, param=param, description=description)
+
+
+def export(ckpt: str | Path, out: str | Path, weights: str = "ema") -> Path:
+    """Write the network weights and their description to one self-describing safetensors file."""
+    description, tensors = read_model_file(ckpt, weights)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise LitGenError(f"--out must end in .safetensors, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"lit_gen": json.dumps(description)})
+    tmp.replace(out)
+    return out

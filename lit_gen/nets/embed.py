@@ -1,0 +1,122 @@
+"""Conditioning embeddings shared by every network: noise level and class label.
+
+Networks know nothing about noise schedules: they receive ``c_noise`` of shape [B], O(1) in range (EDM passes
+ln(sigma)/4, Karras et al. 2022, Table 1), and embed it with one of the two maps of Song et al. 2021
+("Score-Based Generative Modeling through SDEs"): sinusoidal positions (DDPM++, from the Transformer) or random
+Fourier features (NCSN++, Tancik et al. 2020). Class labels share one convention, ``LabelEmbedding``: row
+``num_classes`` is the learned NULL class used by classifier-free guidance, and ``label=None`` means all-null.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+EMBEDDING_TYPES = ("positional", "fourier")
+
+
+def noise_vector(c_noise: Tensor | float, batch_size: int, device: torch.device | None = None) -> Tensor:
+    """``c_noise`` as a float32 vector of length ``batch_size`` (a scalar or a one-element tensor is broadcast)."""
+    c_noise = torch.as_tensor(c_noise, device=device).to(torch.float32).reshape(-1)
+    if c_noise.shape[0] != batch_size:
+        if c_noise.shape[0] != 1:
+            raise ValueError(f"c_noise has {c_noise.shape[0]} entries for a batch of {batch_size}; pass shape [B]")
+        c_noise = c_noise.expand(batch_size)
+    return c_noise
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding of a scalar per sample (Vaswani et al. 2017; DDPM, Ho et al. 2020; DDPM++).
+
+    Maps [B] to [B, num_channels] as ``[cos(x * f_i), sin(x * f_i)]`` with ``f_i = max_positions ** (-i / n)``,
+    i = 0..num_channels/2 - 1, n = num_channels/2 (or n - 1 with ``endpoint``, so the last frequency is exactly
+    1 / max_positions, as EDM's DDPM++ uses). Computed in float32 whatever the autocast dtype.
+
+    Args:
+        num_channels: Output width; must be even.
+        max_positions: Ratio of the highest to the lowest frequency.
+        endpoint: Let the frequency grid include its endpoint 1 / max_positions.
+    """
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False) -> None:
+        super().__init__()
+        if num_channels % 2 or num_channels < 2 + 2 * int(endpoint):
+            raise ValueError(f"PositionalEmbedding needs an even num_channels >= 2 (4 with endpoint), got {num_channels}")
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x: Tensor) -> Tensor:
+        half = self.num_channels // 2
+        exponents = torch.arange(half, dtype=torch.float32, device=x.device) / (half - int(self.endpoint))
+        freqs = (1.0 / self.max_positions) ** exponents
+        angles = x.to(torch.float32)[:, None] * freqs[None, :]
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of a scalar per sample (Tancik et al. 2020; NCSN++, Song et al. 2021).
+
+    Maps [B] to [B, num_channels] as ``[cos(2 pi f_i x), sin(2 pi f_i x)]`` with fixed ``f_i ~ N(0, scale^2)``.
+    The frequencies are a persistent buffer, so a checkpoint restores exactly the same embedding. It holds the
+    float32 bit pattern as int32: ``module.to(torch.bfloat16)`` (a frozen teacher kept in the compute dtype) leaves
+    integer buffers alone, whereas bf16 frequencies (~16 * N(0, 1)) would move the angles by up to ~0.5 rad.
+
+    Args:
+        num_channels: Output width; must be even.
+        scale: Standard deviation of the random frequencies.
+    """
+
+    def __init__(self, num_channels: int, scale: float = 16) -> None:
+        super().__init__()
+        if num_channels % 2 or num_channels < 2:
+            raise ValueError(f"FourierEmbedding needs an even num_channels >= 2, got {num_channels}")
+        self.num_channels = num_channels
+        freqs = torch.randn(num_channels // 2, dtype=torch.float32) * scale
+        self.register_buffer("freqs_bits", freqs.view(torch.int32))
+
+    @property
+    def freqs(self) -> Tensor:
+        """The float32 frequencies f_i."""
+        return self.freqs_bits.view(torch.float32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        angles = x.to(torch.float32)[:, None] * (2 * math.pi * self.freqs)[None, :]
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def noise_embedding(embedding_type: str, num_channels: int) -> nn.Module:
+    """The noise-level map named by ``embedding_type``: "positional" (DDPM++, endpoint grid) or "fourier" (NCSN++)."""
+    if embedding_type == "positional":
+        return PositionalEmbedding(num_channels, endpoint=True)
+    if embedding_type == "fourier":
+        return FourierEmbedding(num_channels)
+    raise ValueError(f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {embedding_type!r}")
+
+
+class LabelEmbedding(nn.Module):
+    """Class-label table with a NULL row for classifier-free guidance (Ho & Salimans 2022; DiT's LabelEmbedder).
+
+    Rows 0..num_classes-1 are the classes, row ``num_classes`` the NULL class. ``label=None`` embeds every sample
+    as NULL. Labels outside [0, num_classes] raise on CPU (index error) and assert on GPU.
+
+    Args:
+        num_classes: Number of real classes (> 0).
+        num_channels: Embedding width.
+        init_std: Standard deviation of the normal initialisation.
+    """
+
+    def __init__(self, num_classes: int, num_channels: int, init_std: float = 1.0) -> None:
+        super().__init__()
+        if num_classes <= 0:
+            raise ValueError(f"LabelEmbedding needs num_classes > 0, got {num_classes}")
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, num_channels)
+        nn.init.normal_(self.table.weight, std=init_std)
+
+    def forward(self, label: Tensor | None, batch_size: int) -> Tensor:
+        if label is None:
+            label = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self.table.weight.device)
+        return self.table(label.reshape(-1).to(torch.long))

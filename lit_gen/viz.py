@@ -1,0 +1,48 @@
+"""Pictures of samples: an image grid, or a 2-D density picture for point data (no plotting library needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """uint8 HxWxC grid of images given in pixel units [0, 255] (N, C, H, W)."""
+    images = images.detach().float().clamp(0, 255).round().to(torch.uint8).cpu()
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
+    grid = make_grid(images, nrow=nrow, padding=1, pad_value=0)  # (C, H, W) uint8; 1 channel is repeated to 3
+    return grid.permute(1, 2, 0).numpy()
+
+
+def points_picture(points: torch.Tensor | np.ndarray, size: int = 256, extent: float | None = None) -> np.ndarray:
+    """uint8 HxWx3 log-density picture of 2-D points (first two coordinates), centred on the data."""
+    p = np.asarray(points, dtype=np.float64)[:, :2]
+    p = p[np.isfinite(p).all(axis=1)]
+    if len(p) == 0:
+        return np.zeros((size, size, 3), np.uint8)
+    centre = np.median(p, axis=0)
+    half = extent if extent is not None else max(1e-6, float(np.quantile(np.abs(p - centre), 0.995)) * 1.1)
+    hist, _, _ = np.histogram2d(
+        p[:, 1], p[:, 0], bins=size, range=[[centre[1] - half, centre[1] + half], [centre[0] - half, centre[0] + half]]
+    )
+    density = np.log1p(hist[::-1])  # y axis up
+    density = density / max(density.max(), 1e-12)
+    r = (255 * density).astype(np.uint8)
+    return np.stack([r, (255 * density**0.5).astype(np.uint8), np.full_like(r, 32)], axis=-1)
+
+
+def samples_picture(samples: torch.Tensor, kind: str) -> np.ndarray:
+    """The picture for samples in data units: an image grid for ``kind == "image"``, else a point density."""
+    return image_grid(samples) if kind == "image" else points_picture(samples)
+
+
+def save_png(picture: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(path)
+    return path

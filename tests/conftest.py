@@ -1,0 +1,39 @@
+"""Shared fixtures: small shards made by `lit-gen shards`, and one short toy2d teacher run reused by several tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+def run_cli(*args: str) -> None:
+    """Run `lit-gen ARGS` in-process (raises SystemExit on a CLI error)."""
+    from lit_gen.cli import main
+
+    main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def toy_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "toy2d_gmm8"
+    run_cli("shards", "builtin:toy2d:gmm8:20000", "--out", out, "--shard-size", "5000")
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_teacher_run(tmp_path_factory: pytest.TempPathFactory, toy_shards: Path) -> Path:
+    """A 600-step toy2d teacher from the real recipe (about 30 s); returns its default_root_dir."""
+    root = tmp_path_factory.mktemp("runs") / "toy_teacher"
+    run_cli(
+        "fit", "-c", REPO / "recipes/toy2d/teacher.yaml",
+        "--data.init_args.shards", toy_shards,
+        "--trainer.default_root_dir", root,
+        "--trainer.max_steps", "600",
+        "--trainer.enable_progress_bar", "false",
+    )
+    return root

@@ -1,0 +1,80 @@
+"""Bad input gets one clear line on stderr and exit status 2 — never a traceback, never an executed pickle."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], *args: object) -> str:
+    with pytest.raises(SystemExit) as info:
+        run_cli(*args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_recipe_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    text = (REPO / "recipes/toy2d/teacher.yaml").read_text().replace("    warmup_steps: 100", "    warmup_stepz: 100")
+    recipe.write_text(text)
+    err = _error_line(capsys, "fit", "-c", recipe)
+    assert "warmup_stepz" in err
+
+
+def test_missing_shards(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _error_line(
+        capsys, "fit", "-c", REPO / "recipes/toy2d/teacher.yaml", "--data.init_args.shards", tmp_path / "nowhere"
+    )
+    lines = [line for line in err.splitlines() if line.startswith("lit-gen: error:")]
+    assert len(lines) == 1 and "nowhere" in lines[0]
+
+
+def test_unreadable_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(os.urandom(2000))
+    err = _error_line(capsys, "sample", "--ckpt", garbage, "--out", tmp_path / "x.png")
+    assert err.startswith("lit-gen: error:") and "garbage.ckpt" in err and len(err.strip().splitlines()) == 1
+    err = _error_line(capsys, "sample", "--ckpt", tmp_path / "missing.ckpt", "--out", tmp_path / "x.png")
+    assert "does not exist" in err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    err = _error_line(capsys, "export", "--ckpt", bad, "--out", tmp_path / "y.safetensors")
+    assert "bad.safetensors" in err
+
+
+class _Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused_and_nothing_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    import torch
+
+    torch.save({"state_dict": {}, "lit_gen": {}, "payload": _Exploit(str(marker))}, evil)
+    err = _error_line(capsys, "sample", "--ckpt", evil, "--out", tmp_path / "x.png")
+    assert "refusing" in err or "cannot read" in err
+    assert not marker.exists()
+
+
+def test_entry_point_prints_one_line_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_gen.cli", "shards", "builtin:toy2d:no_such_mixture", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("lit-gen: error:") and "no_such_mixture" in result.stderr
