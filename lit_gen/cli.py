@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lit_gen.errors import LitGenError
+from lit_gen.errors import LitGenError, find_user_error
 
 TRAIN_VERBS = ("fit", "validate", "test")
 DEFAULT_ROOT = "runs/default"
@@ -49,15 +50,27 @@ def lightning_cli(args: list[str], run: bool = True) -> Any:
                     init_args=Namespace(save_dir=root, name="tb", version=""),
                 )
 
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return LitGenCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # recipe errors come back to main() as one line
         args=args,
         run=run,
     )
+
+
+_NOISE = ("Given value", "Subtypes:", "Errors:", "Does not validate against any", "Expected a <class 'NoneType'>")
+
+
+def condense(message: str) -> str:
+    """One line out of jsonargparse's nested multi-line validation message (the specific parts kept)."""
+    parts = [line.strip().lstrip("- ").strip() for line in message.splitlines()]
+    parts = [p for p in parts if p and not any(line_start in p for line_start in _NOISE)]
+    return " ".join(parts) or message.strip()
 
 
 # ----------------------------------------------------------------------------------------------------- plain tools
@@ -152,6 +165,16 @@ def main(argv: list[str] | None = None) -> Any:
         return 0
     except LitGenError as err:
         print(f"lit-gen: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:
+        from jsonargparse import ArgumentError
+
+        message = find_user_error(err)
+        if message is None and isinstance(err, ArgumentError):
+            message = f"{condense(str(err))} (see lit-gen {argv[0] if argv else ''} --help)"
+        if message is None:
+            raise
+        print(f"lit-gen: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("lit-gen: interrupted", file=sys.stderr)

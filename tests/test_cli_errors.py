@@ -22,20 +22,33 @@ def _error_line(capsys: pytest.CaptureFixture[str], *args: object) -> str:
     return err
 
 
-def test_unknown_recipe_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def _run_entry_point(*args: object) -> str:
+    """`python -m lit_gen.cli ARGS` in a subprocess: exit status 2, one error line, no traceback; returns it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_gen.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lit-gen: error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+def test_unknown_recipe_key(tmp_path: Path) -> None:
     recipe = tmp_path / "bad.yaml"
     text = (REPO / "recipes/toy2d/teacher.yaml").read_text().replace("    warmup_steps: 100", "    warmup_stepz: 100")
     recipe.write_text(text)
-    err = _error_line(capsys, "fit", "-c", recipe)
-    assert "warmup_stepz" in err
+    assert "warmup_stepz" in _run_entry_point("fit", "-c", recipe)
+    assert "max_stepz" in _run_entry_point("fit", "-c", REPO / "recipes/toy2d/teacher.yaml", "--trainer.max_stepz", 3)
+    line = _run_entry_point("fit", "-c", REPO / "recipes/toy2d/teacher.yaml", "--trainer.max_steps", "abc")
+    assert "max_steps" in line and "abc" in line
 
 
-def test_missing_shards(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    err = _error_line(
-        capsys, "fit", "-c", REPO / "recipes/toy2d/teacher.yaml", "--data.init_args.shards", tmp_path / "nowhere"
+def test_missing_shards(tmp_path: Path) -> None:
+    line = _run_entry_point(
+        "fit", "-c", REPO / "recipes/toy2d/teacher.yaml", "--data.init_args.shards", tmp_path / "nowhere"
     )
-    lines = [line for line in err.splitlines() if line.startswith("lit-gen: error:")]
-    assert len(lines) == 1 and "nowhere" in lines[0]
+    assert "nowhere" in line and "does not exist" in line
 
 
 def test_unreadable_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -70,11 +83,5 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(capsys: pytest.Captur
     assert not marker.exists()
 
 
-def test_entry_point_prints_one_line_without_traceback(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "lit_gen.cli", "shards", "builtin:toy2d:no_such_mixture", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("lit-gen: error:") and "no_such_mixture" in result.stderr
+def test_unknown_builtin_from_the_entry_point(tmp_path: Path) -> None:
+    assert "no_such_mixture" in _run_entry_point("shards", "builtin:toy2d:no_such_mixture", "--out", tmp_path / "o")

@@ -23,13 +23,14 @@ def test_cifar10_config_matches_edm_ddpmpp_size() -> None:
 
 
 def test_attention_placement_and_resolutions() -> None:
-    net = UNet(img_resolution=16, in_channels=1, model_channels=8, channel_mult=(1, 1, 2), num_blocks=1,
-               attn_resolutions=(8,))
+    net = UNet(
+        img_resolution=16, in_channels=1, model_channels=8, channel_mult=(1, 1, 2), num_blocks=1, attn_resolutions=(8,)
+    )
     blocks = [m for m in net.modules() if isinstance(m, UNetBlock)]
-    # encoder: 16 block, 8 down, 8 block(attn), 4 down, 4 block; mid: attn, plain;
-    # decoder: 4 x2, up, 8 x2 (last one attn), up, 16 x2.
-    assert [b.attention for b in blocks] == [False, False, True, False, False, True, False] + [False] * 3 + [
-        False, True, False, False, False]
+    encoder = [False, False, True, False, False]  # 16: block | 8: down, block (attn) | 4: down, block
+    middle = [True, False]  # the bottleneck always attends
+    decoder = [False, False, False, False, True, False, False, False]  # 4: 2 blocks | 8: up, 2 (last attn) | 16: up, 2
+    assert [b.attention for b in blocks] == encoder + middle + decoder
     x = torch.randn(2, 1, 16, 16)
     assert net.features(x, torch.zeros(2)).shape == (2, 16, 4, 4)
     with pytest.raises(ValueError, match="divisible by 2"):
@@ -44,8 +45,9 @@ def test_group_norm_groups(channels: int, groups: int) -> None:
 
 def test_channels_last_gives_the_same_output() -> None:
     torch.manual_seed(0)
-    net = UNet(img_resolution=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-               attn_resolutions=(4, 8)).eval()
+    net = UNet(
+        img_resolution=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4, 8)
+    ).eval()
     torch.nn.init.normal_(net.out_conv.weight, std=0.1)
     x, c = torch.randn(2, 3, 8, 8), torch.randn(2)
     ref = net(x, c)

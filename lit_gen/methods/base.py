@@ -31,6 +31,8 @@ class GenerativeMethod(LightningModule):
         param: the diffusion parameterisation (``lit_gen.diffusion.EDM`` or ``VP``); None means ``EDM()``.
         optimizer: optimizer factory (``class_path: torch.optim.AdamW`` with ``init_args: {lr: ...}``).
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none; EDM's lr ramp-up).
+        decay_steps: if > 0, the learning rate decays linearly to 0 at this optimizer step (after the warm-up;
+            progressive distillation's per-phase schedule); 0 keeps it constant (EDM).
     """
 
     method_name = "base"
@@ -43,12 +45,16 @@ class GenerativeMethod(LightningModule):
         param: EDM | VP | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
+        decay_steps: int = 0,
     ) -> None:
         super().__init__()
+        if warmup_steps < 0 or decay_steps < 0 or (decay_steps and decay_steps <= warmup_steps):
+            raise LitGenError(f"need 0 <= warmup_steps < decay_steps (or decay_steps 0), got {warmup_steps}, {decay_steps}")
         self.net = net
         self.param = param if param is not None else EDM()
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
+        self.decay_steps = decay_steps
         self.data_info: dict[str, Any] | None = None
         self.save_hyperparameters(ignore=["net", "param", "optimizer"])
 
@@ -100,13 +106,19 @@ class GenerativeMethod(LightningModule):
             raise LitGenError(f"the network returns shape {list(out.shape[1:])} for data of shape {shape}")
 
     # ------------------------------------------------------------------------------------------------ optimisation
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier after ``step`` optimizer steps: linear warm-up, then constant or linear decay."""
+        factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        if self.decay_steps > 0 and step >= self.warmup_steps:
+            factor *= max(0.0, (self.decay_steps - step) / (self.decay_steps - self.warmup_steps))
+        return factor
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.trainable_parameters())
-        if self.warmup_steps <= 0:
+        if self.warmup_steps <= 0 and self.decay_steps <= 0:
             return optimizer
-        warmup = self.warmup_steps
         # Schedules come from recipe numbers, never from trainer.estimated_stepping_batches (Lightning #20550).
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def trainable_parameters(self) -> Any:

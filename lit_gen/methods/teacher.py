@@ -29,6 +29,7 @@ class TeacherDiffusion(GenerativeMethod):
         param: ``lit_gen.diffusion.EDM`` (default) or ``lit_gen.diffusion.VP`` (ε/x/v prediction, cosine schedule).
         optimizer: optimizer factory, e.g. ``torch.optim.AdamW`` with ``lr``.
         warmup_steps: linear learning-rate warm-up in optimizer steps.
+        decay_steps: linear learning-rate decay to 0 at this step (0 = constant after the warm-up, as EDM).
         label_dropout: probability of replacing a label by the null class (classifier-free guidance training;
             0.1-0.2 is usual). Needs a class-conditional network.
     """
@@ -41,9 +42,12 @@ class TeacherDiffusion(GenerativeMethod):
         param: EDM | VP | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
+        decay_steps: int = 0,
         label_dropout: float = 0.0,
     ) -> None:
-        super().__init__(net=net, param=param, optimizer=optimizer, warmup_steps=warmup_steps)
+        super().__init__(
+            net=net, param=param, optimizer=optimizer, warmup_steps=warmup_steps, decay_steps=decay_steps
+        )
         if not 0.0 <= label_dropout < 1.0:
             raise LitGenError(f"label_dropout must be in [0, 1), got {label_dropout}")
         if label_dropout > 0 and self.num_classes == 0:

@@ -43,7 +43,9 @@ class PositionalEmbedding(nn.Module):
     def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False) -> None:
         super().__init__()
         if num_channels % 2 or num_channels < 2 + 2 * int(endpoint):
-            raise ValueError(f"PositionalEmbedding needs an even num_channels >= 2 (4 with endpoint), got {num_channels}")
+            raise ValueError(
+                f"PositionalEmbedding needs an even num_channels >= 2 (4 with endpoint), got {num_channels}"
+            )
         self.num_channels = num_channels
         self.max_positions = max_positions
         self.endpoint = endpoint
@@ -87,12 +89,13 @@ class FourierEmbedding(nn.Module):
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
-def noise_embedding(embedding_type: str, num_channels: int) -> nn.Module:
-    """The noise-level map named by ``embedding_type``: "positional" (DDPM++, endpoint grid) or "fourier" (NCSN++)."""
+def noise_embedding(embedding_type: str, num_channels: int, fourier_scale: float = 16) -> nn.Module:
+    """The noise-level map named by ``embedding_type``: "positional" (DDPM++, endpoint grid) or "fourier" (NCSN++,
+    frequencies ~ N(0, fourier_scale^2))."""
     if embedding_type == "positional":
         return PositionalEmbedding(num_channels, endpoint=True)
     if embedding_type == "fourier":
-        return FourierEmbedding(num_channels)
+        return FourierEmbedding(num_channels, scale=fourier_scale)
     raise ValueError(f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {embedding_type!r}")
 
 

@@ -18,10 +18,10 @@ from lit_gen.spec import Configurable
 class ResidualBlock(nn.Module):
     """``h + fc2(dropout(silu(fc1(norm(h) * (1 + scale) + shift))))`` with (scale, shift) from the condition."""
 
-    def __init__(self, hidden: int, dropout: float) -> None:
+    def __init__(self, hidden: int, cond_dim: int, dropout: float) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
-        self.modulation = nn.Linear(hidden, 2 * hidden)
+        self.modulation = nn.Linear(cond_dim, 2 * hidden)
         self.fc1 = nn.Linear(hidden, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
         self.dropout = dropout
@@ -36,17 +36,20 @@ class MLPDenoiser(Configurable, nn.Module):
     """Residual-MLP denoiser F(x, c_noise, label) for points x of shape [B, dim].
 
     The noise level ``c_noise`` ([B], O(1), e.g. ln(sigma)/4) is embedded (Fourier features by default), the class
-    embedding added, and a 2-layer SiLU MLP gives the condition vector; each residual block turns SiLU(condition)
-    into a scale and shift of its normalised input. A fresh network returns exactly zero (zero output layer).
+    embedding added, and a 2-layer SiLU MLP gives a condition vector of width ``emb_dim``; each residual block maps
+    it to a scale and shift of its normalised input. (A condition as wide as ``hidden`` made a step ~1.5x slower
+    on CPU for no clear gain on 2-D mixtures.) A fresh network returns exactly zero (zero output layer).
 
     Args:
         dim: Dimensionality D of the data points.
         hidden: Width of the residual stream and of every hidden layer.
         depth: Number of residual blocks.
-        emb_dim: Width of the noise-level (and label) embedding before the conditioning MLP.
+        emb_dim: Width of the noise-level (and label) embedding and of the condition vector.
         num_classes: Number of classes for class conditioning; 0 = unconditional (labels are ignored).
         dropout: Dropout probability inside each residual block.
         embedding_type: Noise-level embedding, "fourier" (random Fourier features) or "positional" (sinusoidal).
+        fourier_scale: Standard deviation of the random Fourier frequencies. NCSN++ uses 16; on toy 2-D mixtures
+            with c_noise = ln(sigma)/4, 4 fits the large-sigma denoiser markedly better after the same steps.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class MLPDenoiser(Configurable, nn.Module):
         num_classes: int = 0,
         dropout: float = 0.0,
         embedding_type: str = "fourier",
+        fourier_scale: float = 4.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -65,11 +69,11 @@ class MLPDenoiser(Configurable, nn.Module):
         self.dim = dim
         self.num_classes = num_classes
         self.feature_dim = hidden
-        self.map_noise = noise_embedding(embedding_type, emb_dim)
+        self.map_noise = noise_embedding(embedding_type, emb_dim, fourier_scale=fourier_scale)
         self.map_label = LabelEmbedding(num_classes, emb_dim) if num_classes > 0 else None
-        self.map_cond = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.map_cond = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, emb_dim), nn.SiLU())
         self.proj_in = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList([ResidualBlock(hidden, dropout) for _ in range(depth)])
+        self.blocks = nn.ModuleList([ResidualBlock(hidden, emb_dim, dropout) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden)
         self.proj_out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.proj_out.weight)

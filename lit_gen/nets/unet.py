@@ -1,7 +1,7 @@
 """DDPM++ U-Net (Song et al. 2021, "Score-Based Generative Modeling through SDEs"), as configured by EDM.
 
 Follows the layout of EDM's ``SongUNet`` in its DDPM++ setting (Karras et al. 2022, "Elucidating the Design Space
-of Diffusion-Based Generative Models", Table 7 / Appendix F.2): standard encoder and decoder, residual blocks
+of Diffusion-Based Generative Models", config F, DDPM++ on CIFAR-10): standard encoder and decoder, residual blocks
 scaled by 1/sqrt(2), a [1, 1] resampling filter, a 1x1-projected skip on resampling blocks, single-head
 self-attention at the listed resolutions and always in the first bottleneck block, GroupNorm(eps=1e-6), SiLU,
 Xavier-uniform initialisation with near-zero residual outputs. A [1, 1] filter *is* 2x2 average pooling down and
@@ -206,9 +206,7 @@ class UNet(Configurable, nn.Module):
                 skips.append(cout)
 
         # Bottleneck at the lowest resolution: one block with attention, one without.
-        self.mid = nn.ModuleList(
-            [UNetBlock(cout, cout, attention=True, **block), UNetBlock(cout, cout, **block)]
-        )
+        self.mid = nn.ModuleList([UNetBlock(cout, cout, attention=True, **block), UNetBlock(cout, cout, **block)])
 
         # Decoder: per level an optional upsampling block, then num_blocks + 1 blocks fed with encoder skips.
         self.dec = nn.ModuleList()
