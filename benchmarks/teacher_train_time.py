@@ -40,13 +40,20 @@ def main() -> None:
         run("shards", args.shards, "--out", args.data_dir)
     ckpt = Path(args.root) / "checkpoints" / "last.ckpt"
     fit_s = run(
-        "fit", "-c", args.recipe, f"--data.init_args.shards={args.data_dir}",
-        f"--trainer.default_root_dir={args.root}", "--trainer.enable_progress_bar=false", *args.extra,
+        "fit",
+        "-c",
+        args.recipe,
+        f"--data.init_args.shards={args.data_dir}",
+        f"--trainer.default_root_dir={args.root}",
+        "--trainer.enable_progress_bar=false",
+        *args.extra,
     )
     steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     grid = Path(args.root) / "samples_35nfe.png"
     sample_s = run("sample", "--ckpt", str(ckpt), "--n", str(args.n), "--steps", "18", "--out", str(grid))
-    machine = f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = (
+        f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print("| recipe | steps | fit wall (s) | s/step | sample 35 NFE x n (s) | grid | machine |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print(

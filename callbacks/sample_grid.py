@@ -28,7 +28,12 @@ class SampleGrid(Callback):
     """
 
     def __init__(
-        self, every_n_steps: int = 1000, n: int = 64, steps: int | None = None, sampler: str | None = None, seed: int = 0
+        self,
+        every_n_steps: int = 1000,
+        n: int = 64,
+        steps: int | None = None,
+        sampler: str | None = None,
+        seed: int = 0,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.n = n
@@ -53,7 +58,9 @@ class SampleGrid(Callback):
         was_training = source.net.training
         model = LoadedModel(net=source.net, param=pl_module.param, description=pl_module.describe())
         try:
-            samples = model.sample(self.n, steps=self.steps, sampler=self.sampler, seed=self.seed, device=pl_module.device)
+            samples = model.sample(
+                self.n, steps=self.steps, sampler=self.sampler, seed=self.seed, device=pl_module.device
+            )
         finally:
             source.net.train(was_training)
         picture = samples_picture(samples, pl_module.data_info["kind"])

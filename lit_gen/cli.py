@@ -168,8 +168,11 @@ def main(argv: list[str] | None = None) -> Any:
         raise SystemExit(2) from None
     except Exception as err:
         from jsonargparse import ArgumentError
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         message = find_user_error(err)
+        if message is None and isinstance(err, MisconfigurationException):
+            message = " ".join(str(err).split())  # Lightning's own configuration errors are user-facing sentences
         if message is None and isinstance(err, ArgumentError):
             message = f"{condense(str(err))} (see lit-gen {argv[0] if argv else ''} --help)"
         if message is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 _RAISED: list[str] = []
 
 
-class LitGenError(Exception):
+class LitGenError(ValueError):
     """Bad input a user can fix: missing shards, unreadable checkpoint, mismatched teacher, bad recipe value.
 
     Libraries in between (jsonargparse instantiating a recipe's classes) sometimes re-wrap exceptions in their own

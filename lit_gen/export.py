@@ -41,7 +41,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LitGenError(f"refusing to load {path}: it holds objects that would run code when unpickled ({first})")
+        raise LitGenError(
+            f"refusing to load {path}: it holds objects that would run code when unpickled ({first})"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LitGenError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {first}") from None
@@ -80,7 +82,9 @@ def read_model_file(path: str | Path, weights: str = "ema") -> tuple[dict[str, A
             raise LitGenError(f"{path} has no lit_gen description in its metadata; export it with `lit-gen export`")
         description = json.loads(metadata["lit_gen"])
         if weights == "raw" and description.get("weights") != "raw":
-            raise LitGenError(f"{path} holds {description.get('weights')} weights only; export again with --weights raw")
+            raise LitGenError(
+                f"{path} holds {description.get('weights')} weights only; export again with --weights raw"
+            )
         return description, tensors
     checkpoint = read_checkpoint(path)
     description = dict(checkpoint["lit_gen"])

@@ -66,7 +66,9 @@ def describe(obj: Any) -> dict[str, Any]:
     """The spec ``{"class_path", "init_args"}`` of a ``Configurable`` object."""
     init_args = getattr(obj, "init_args", None)
     if init_args is None:
-        raise TypeError(f"{class_path(obj)} does not record its constructor arguments (inherit lit_gen.spec.Configurable)")
+        raise TypeError(
+            f"{class_path(obj)} does not record its constructor arguments (inherit lit_gen.spec.Configurable)"
+        )
     return {"class_path": class_path(obj), "init_args": dict(init_args)}
 
 

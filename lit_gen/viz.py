@@ -25,8 +25,9 @@ def points_picture(points: torch.Tensor | np.ndarray, size: int = 256, extent: f
     p = p[np.isfinite(p).all(axis=1)]
     if len(p) == 0:
         return np.zeros((size, size, 3), np.uint8)
-    centre = np.median(p, axis=0)
-    half = extent if extent is not None else max(1e-6, float(np.quantile(np.abs(p - centre), 0.995)) * 1.1)
+    low, high = np.quantile(p, 0.002, axis=0), np.quantile(p, 0.998, axis=0)
+    centre = (low + high) / 2
+    half = extent if extent is not None else max(1e-6, float((high - low).max()) / 2 * 1.15)
     hist, _, _ = np.histogram2d(
         p[:, 1], p[:, 0], bins=size, range=[[centre[1] - half, centre[1] + half], [centre[0] - half, centre[0] + half]]
     )

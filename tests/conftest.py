@@ -30,10 +30,16 @@ def toy_teacher_run(tmp_path_factory: pytest.TempPathFactory, toy_shards: Path) 
     """A 600-step toy2d teacher from the real recipe (about 30 s); returns its default_root_dir."""
     root = tmp_path_factory.mktemp("runs") / "toy_teacher"
     run_cli(
-        "fit", "-c", REPO / "recipes/toy2d/teacher.yaml",
-        "--data.init_args.shards", toy_shards,
-        "--trainer.default_root_dir", root,
-        "--trainer.max_steps", "600",
-        "--trainer.enable_progress_bar", "false",
+        "fit",
+        "-c",
+        REPO / "recipes/toy2d/teacher.yaml",
+        "--data.init_args.shards",
+        toy_shards,
+        "--trainer.default_root_dir",
+        root,
+        "--trainer.max_steps",
+        "600",
+        "--trainer.enable_progress_bar",
+        "false",
     )
     return root

@@ -50,8 +50,13 @@ def test_ema_matches_hand_computed_average_and_checkpoint_layout(tmp_path) -> No
     ema = EMA(halflife_steps=3.0, rampup_ratio=0.5)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=6, save_top_k=0)
     trainer = Trainer(
-        max_steps=6, callbacks=[record, ema, ckpt], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+        max_steps=6,
+        callbacks=[record, ema, ckpt],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
     )
     trainer.fit(_Tiny())
     # Hand-computed: first update copies (bias-corrected), then e_k = beta_k e_{k-1} + (1 - beta_k) p_k.

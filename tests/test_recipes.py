@@ -12,9 +12,7 @@ from lit_gen.cli import lightning_cli
 from lit_gen.data.shards import write_shards
 from tests.conftest import REPO
 
-TRAIN_RECIPES = sorted(
-    p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name not in ("scale", "pipelines")
-)
+TRAIN_RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name not in ("scale", "pipelines"))
 # GPU-scale recipes: instantiated on the CPU with tiny random shards of the recipe's data shape.
 IMAGE_SHAPES = {"cifar10": (3, 32, 32, 10), "imagenet64": (3, 64, 64, 1000)}
 RUN_ONE_STEP = {"toy2d", "digits", "cifar10"}  # imagenet64's network is too big for a quick CPU step
@@ -47,16 +45,26 @@ def test_recipe_instantiates_and_trains(recipe: Path, recipe_data: dict[str, Pat
     assert header[0].startswith("# ") and any("Launch" in line for line in header), "recipe must name paper + launch"
     dataset = recipe.parent.name
     args = [
-        "-c", str(recipe),
-        "--data.init_args.shards", str(recipe_data[dataset]),
-        "--data.init_args.batch_size", "2",
-        "--data.init_args.num_workers", "0",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.accelerator", "cpu",
-        "--trainer.devices", "1",
-        "--trainer.precision", "32-true",
-        "--trainer.max_steps", "1",
-        "--trainer.enable_progress_bar", "false",
+        "-c",
+        str(recipe),
+        "--data.init_args.shards",
+        str(recipe_data[dataset]),
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.num_workers",
+        "0",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
     ]
     cli = lightning_cli(args, run=False)
     cli.model.attach_data(cli.datamodule.info)  # the data shape and classes fit the network

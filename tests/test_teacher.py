@@ -21,8 +21,15 @@ from tests.conftest import REPO, run_cli
 
 
 def test_label_dropout_uses_the_null_class() -> None:
-    net = UNet(img_resolution=8, in_channels=1, model_channels=16, channel_mult=(1,), num_blocks=1,
-               attn_resolutions=(), num_classes=10)
+    net = UNet(
+        img_resolution=8,
+        in_channels=1,
+        model_channels=16,
+        channel_mult=(1,),
+        num_blocks=1,
+        attn_resolutions=(),
+        num_classes=10,
+    )
     module = TeacherDiffusion(net=net, label_dropout=0.25)
     torch.manual_seed(0)
     labels = torch.randint(0, 10, (20000,))
@@ -112,7 +119,9 @@ def test_sample_cli_and_export_are_bit_identical(toy_teacher_run: Path, tmp_path
     # Raw (non-EMA) weights differ from the EMA ones and can be exported on request.
     raw = export(ckpt, tmp_path / "raw.safetensors", weights="raw")
     ema_model, raw_model = load_model(tmp_path / "teacher.safetensors"), load_model(raw)
-    differs = [not torch.equal(p, q) for p, q in zip(ema_model.net.parameters(), raw_model.net.parameters(), strict=True)]
+    differs = [
+        not torch.equal(p, q) for p, q in zip(ema_model.net.parameters(), raw_model.net.parameters(), strict=True)
+    ]
     assert any(differs)
     assert (toy_teacher_run / "tb").is_dir()
 
@@ -123,9 +132,19 @@ def test_resume_with_ckpt_path_last_continues_the_run(toy_teacher_run: Path, toy
     shutil.copytree(toy_teacher_run, root)
     before = read_checkpoint(root / "checkpoints" / "last.ckpt")
     run_cli(
-        "fit", "-c", REPO / "recipes/toy2d/teacher.yaml", "--data.init_args.shards", toy_shards,
-        "--trainer.default_root_dir", root, "--trainer.max_steps", "650", "--ckpt_path", "last",
-        "--trainer.enable_progress_bar", "false",
+        "fit",
+        "-c",
+        REPO / "recipes/toy2d/teacher.yaml",
+        "--data.init_args.shards",
+        toy_shards,
+        "--trainer.default_root_dir",
+        root,
+        "--trainer.max_steps",
+        "650",
+        "--ckpt_path",
+        "last",
+        "--trainer.enable_progress_bar",
+        "false",
     )
     after = read_checkpoint(root / "checkpoints" / "last.ckpt")
     assert before["global_step"] == 600 and after["global_step"] == 650

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
-import numpy as np
 import lightning as L
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -214,6 +214,7 @@ class ShardDataModule(L.LightningDataModule):
         else:
             # No hook at all (rather than an empty loader): Lightning then skips validation without warnings.
             self.val_dataloader = None  # type: ignore[method-assign,assignment]
+            self.test_dataloader = None  # type: ignore[method-assign,assignment]
 
     @staticmethod
     def _read_info(urls: list[str], info_file: str | None, spec: str) -> dict[str, Any]:
@@ -298,3 +299,7 @@ class ShardDataModule(L.LightningDataModule):
         )
         workers = min(self.num_workers, len(self.val_urls))
         return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+
+    def test_dataloader(self) -> wds.WebLoader:
+        """``lit-gen test`` evaluates on the validation shards (``val_shards``)."""
+        return self.val_dataloader()

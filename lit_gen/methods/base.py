@@ -49,7 +49,9 @@ class GenerativeMethod(LightningModule):
     ) -> None:
         super().__init__()
         if warmup_steps < 0 or decay_steps < 0 or (decay_steps and decay_steps <= warmup_steps):
-            raise LitGenError(f"need 0 <= warmup_steps < decay_steps (or decay_steps 0), got {warmup_steps}, {decay_steps}")
+            raise LitGenError(
+                f"need 0 <= warmup_steps < decay_steps (or decay_steps 0), got {warmup_steps}, {decay_steps}"
+            )
         self.net = net
         self.param = param if param is not None else EDM()
         self.optimizer_factory = optimizer

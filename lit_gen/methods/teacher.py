@@ -45,9 +45,7 @@ class TeacherDiffusion(GenerativeMethod):
         decay_steps: int = 0,
         label_dropout: float = 0.0,
     ) -> None:
-        super().__init__(
-            net=net, param=param, optimizer=optimizer, warmup_steps=warmup_steps, decay_steps=decay_steps
-        )
+        super().__init__(net=net, param=param, optimizer=optimizer, warmup_steps=warmup_steps, decay_steps=decay_steps)
         if not 0.0 <= label_dropout < 1.0:
             raise LitGenError(f"label_dropout must be in [0, 1), got {label_dropout}")
         if label_dropout > 0 and self.num_classes == 0:
@@ -70,14 +68,20 @@ class TeacherDiffusion(GenerativeMethod):
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # A fixed generator makes the validation loss comparable between evaluations.
+    def _held_out_loss(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
+        # A fixed generator per batch index makes the loss comparable between evaluations.
         y = batch["x"]
         label = batch.get("label") if self.num_classes else None
         generator = torch.Generator(device=y.device).manual_seed(batch_idx)
         loss = self.param.loss(self.net, y, label, generator=generator).mean()
-        self.log("val/loss", loss, prog_bar=True, batch_size=y.shape[0], sync_dist=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=y.shape[0], sync_dist=True)
         return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._held_out_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._held_out_loss(batch, batch_idx, "test")
 
     def describe(self) -> dict[str, Any]:
         section = super().describe()

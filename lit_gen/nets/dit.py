@@ -17,6 +17,7 @@ import torch
 from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
 
+from lit_gen.errors import LitGenError
 from lit_gen.nets.embed import LabelEmbedding, PositionalEmbedding, noise_embedding, noise_vector
 from lit_gen.spec import Configurable
 
@@ -91,13 +92,13 @@ class DiT(Configurable, nn.Module):
     ) -> None:
         super().__init__()
         if img_resolution % patch_size:
-            raise ValueError(f"img_resolution={img_resolution} must be divisible by patch_size={patch_size}")
+            raise LitGenError(f"img_resolution={img_resolution} must be divisible by patch_size={patch_size}")
         if hidden_size % num_heads or hidden_size % 4:
-            raise ValueError(
+            raise LitGenError(
                 f"hidden_size={hidden_size} must be divisible by num_heads={num_heads} and by 4 (2-D sin-cos)"
             )
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise LitGenError(f"dropout must be in [0, 1), got {dropout}")
         out_channels = in_channels if out_channels is None else out_channels
         self.img_resolution = img_resolution
         self.in_channels = in_channels

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lit_gen.errors import LitGenError
+
 EMBEDDING_TYPES = ("positional", "fourier")
 
 
@@ -74,7 +76,7 @@ class FourierEmbedding(nn.Module):
     def __init__(self, num_channels: int, scale: float = 16) -> None:
         super().__init__()
         if num_channels % 2 or num_channels < 2:
-            raise ValueError(f"FourierEmbedding needs an even num_channels >= 2, got {num_channels}")
+            raise LitGenError(f"FourierEmbedding needs an even num_channels >= 2, got {num_channels}")
         self.num_channels = num_channels
         freqs = torch.randn(num_channels // 2, dtype=torch.float32) * scale
         self.register_buffer("freqs_bits", freqs.view(torch.int32))
@@ -96,7 +98,7 @@ def noise_embedding(embedding_type: str, num_channels: int, fourier_scale: float
         return PositionalEmbedding(num_channels, endpoint=True)
     if embedding_type == "fourier":
         return FourierEmbedding(num_channels, scale=fourier_scale)
-    raise ValueError(f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {embedding_type!r}")
+    raise LitGenError(f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {embedding_type!r}")
 
 
 class LabelEmbedding(nn.Module):
@@ -114,7 +116,7 @@ class LabelEmbedding(nn.Module):
     def __init__(self, num_classes: int, num_channels: int, init_std: float = 1.0) -> None:
         super().__init__()
         if num_classes <= 0:
-            raise ValueError(f"LabelEmbedding needs num_classes > 0, got {num_classes}")
+            raise LitGenError(f"LabelEmbedding needs num_classes > 0, got {num_classes}")
         self.num_classes = num_classes
         self.table = nn.Embedding(num_classes + 1, num_channels)
         nn.init.normal_(self.table.weight, std=init_std)

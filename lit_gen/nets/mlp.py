@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_gen.errors import LitGenError
 from lit_gen.nets.embed import LabelEmbedding, noise_embedding, noise_vector
 from lit_gen.spec import Configurable
 
@@ -65,7 +66,7 @@ class MLPDenoiser(Configurable, nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise LitGenError(f"dropout must be in [0, 1), got {dropout}")
         self.dim = dim
         self.num_classes = num_classes
         self.feature_dim = hidden

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_gen.errors import LitGenError
 from lit_gen.nets.embed import LabelEmbedding, noise_embedding, noise_vector
 from lit_gen.spec import Configurable
 
@@ -167,12 +168,12 @@ class UNet(Configurable, nn.Module):
         super().__init__()
         levels = len(channel_mult)
         if levels == 0 or img_resolution % (2 ** (levels - 1)):
-            raise ValueError(
+            raise LitGenError(
                 f"img_resolution={img_resolution} must be divisible by 2^(len(channel_mult) - 1) = "
                 f"{2 ** max(levels - 1, 0)} (channel_mult={tuple(channel_mult)} needs at least one level)"
             )
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise LitGenError(f"dropout must be in [0, 1), got {dropout}")
         out_channels = in_channels if out_channels is None else out_channels
         self.img_resolution = img_resolution
         self.in_channels = in_channels
