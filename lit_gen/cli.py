@@ -12,6 +12,7 @@ a ``LitGenError`` and is printed as one line (``lit-gen: error: ...``), exit sta
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import time
 import warnings
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> Any:
         message = find_user_error(err)
         if message is None and isinstance(err, MisconfigurationException):
             message = " ".join(str(err).split())  # Lightning's own configuration errors are user-facing sentences
+        if message is None and isinstance(err, pickle.UnpicklingError):
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            message = f"refusing to load a checkpoint holding objects that would run code when unpickled ({first})"
         if message is None and isinstance(err, ArgumentError):
             message = f"{condense(str(err))} (see lit-gen {argv[0] if argv else ''} --help)"
         if message is None:

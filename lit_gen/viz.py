@@ -11,9 +11,13 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
-    """uint8 HxWxC grid of images given in pixel units [0, 255] (N, C, H, W)."""
+def image_grid(images: torch.Tensor, nrow: int | None = None, min_size: int = 32) -> np.ndarray:
+    """uint8 HxWxC grid of images given in pixel units [0, 255] (N, C, H, W); images smaller than ``min_size``
+    pixels are enlarged by an integer factor (nearest neighbour) so tiny data such as 8x8 digits stays visible."""
     images = images.detach().float().clamp(0, 255).round().to(torch.uint8).cpu()
+    factor = max(1, min_size // images.shape[-1])
+    if factor > 1:
+        images = images.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2)
     nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
     grid = make_grid(images, nrow=nrow, padding=1, pad_value=0)  # (C, H, W) uint8; 1 channel is repeated to 3
     return grid.permute(1, 2, 0).numpy()

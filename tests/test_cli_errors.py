@@ -84,3 +84,14 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(capsys: pytest.Captur
 
 def test_unknown_builtin_from_the_entry_point(tmp_path: Path) -> None:
     assert "no_such_mixture" in _run_entry_point("shards", "builtin:toy2d:no_such_mixture", "--out", tmp_path / "o")
+
+
+def test_resuming_from_a_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Exploit(str(marker))}}, evil)
+    line = _run_entry_point("fit", "-c", REPO / "recipes/toy2d/teacher.yaml", "--ckpt_path", evil)
+    assert "refusing" in line
+    assert not marker.exists()
