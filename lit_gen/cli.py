@@ -41,7 +41,10 @@ def lightning_cli(args: list[str], run: bool = True) -> Any:
             root = trainer.default_root_dir or DEFAULT_ROOT
             trainer.default_root_dir = root
             for callback in trainer.callbacks or []:
-                if str(callback.class_path).endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
+                if (
+                    str(callback.class_path).endswith(("ModelCheckpoint", "callbacks.checkpoint.Checkpoint"))
+                    and callback.init_args.get("dirpath") is None
+                ):
                     callback.init_args.dirpath = str(Path(root) / "checkpoints")
             if trainer.logger in (None, True):
                 from jsonargparse import Namespace

@@ -92,8 +92,10 @@ def test_toy_teacher_recipe_trains_and_checkpoint_describes_itself(toy_teacher_r
     fresh = build(section["net"])
     losses = []
     for net in (fresh, model.net):
-        losses.append(float(model.param.loss(net, y, None, generator=torch.Generator().manual_seed(0)).mean()))
-    assert losses[1] < 0.5 * losses[0], losses
+        with torch.no_grad():
+            losses.append(float(model.param.loss(net, y, None, generator=torch.Generator().manual_seed(0)).mean()))
+    # (EDM's weighted loss is ~1 for a fresh net and has a large irreducible part at high noise levels.)
+    assert losses[1] < 0.75 * losses[0], losses
 
     # Samples (35 NFE Heun) land on the mixture's modes with roughly the right weights, in original units.
     points = model.sample(4096, steps=18, seed=0).numpy()
@@ -147,11 +149,14 @@ def test_resume_with_ckpt_path_last_continues_the_run(toy_teacher_run: Path, toy
         "false",
     )
     after = read_checkpoint(root / "checkpoints" / "last.ckpt")
+    # 650 is not a multiple of the 100-step interval: callbacks.checkpoint.Checkpoint still saves the final step,
+    # into the same last.ckpt (no last-v1.ckpt although the run folder was copied).
     assert before["global_step"] == 600 and after["global_step"] == 650
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]
     # The EMA continued from the saved average (not restarted from a copy of the raw weights).
     assert after["callbacks"] and after["lit_gen"]["state_dict_is_ema"]
-    key = next(iter(after["state_dict"]))
-    assert not torch.equal(after["state_dict"][key], after["current_model_state"][key])
+    ema, raw = after["state_dict"], after["current_model_state"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
 
 
 def test_resuming_with_another_methods_checkpoint_is_refused() -> None:
