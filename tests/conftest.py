@@ -25,21 +25,18 @@ def toy_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def fit_toy_teacher(shards: Path, root: Path, max_steps: int, *extra: object) -> None:
+    """`lit-gen fit` of the real toy2d recipe on ``shards`` into ``root`` for ``max_steps`` steps."""
+    run_cli(
+        "fit", "-c", REPO / "recipes/toy2d/teacher.yaml", "--data.init_args.shards", shards,
+        "--trainer.default_root_dir", root, "--trainer.max_steps", max_steps,
+        "--trainer.enable_progress_bar", "false", *extra,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def toy_teacher_run(tmp_path_factory: pytest.TempPathFactory, toy_shards: Path) -> Path:
-    """A 600-step toy2d teacher from the real recipe (about 30 s); returns its default_root_dir."""
+    """A 600-step toy2d teacher from the real recipe (about 45 s), lr decayed to 0 at step 600; its root dir."""
     root = tmp_path_factory.mktemp("runs") / "toy_teacher"
-    run_cli(
-        "fit",
-        "-c",
-        REPO / "recipes/toy2d/teacher.yaml",
-        "--data.init_args.shards",
-        toy_shards,
-        "--trainer.default_root_dir",
-        root,
-        "--trainer.max_steps",
-        "600",
-        "--trainer.enable_progress_bar",
-        "false",
-    )
+    fit_toy_teacher(toy_shards, root, 600, "--model.init_args.decay_steps", 600)
     return root

@@ -17,7 +17,7 @@ from lit_gen.export import export, load_model, read_checkpoint
 from lit_gen.methods.teacher import TeacherDiffusion
 from lit_gen.nets import MLPDenoiser, UNet
 from lit_gen.spec import build
-from tests.conftest import REPO, run_cli
+from tests.conftest import fit_toy_teacher, run_cli
 
 
 def test_label_dropout_uses_the_null_class() -> None:
@@ -133,21 +133,7 @@ def test_resume_with_ckpt_path_last_continues_the_run(toy_teacher_run: Path, toy
     root = tmp_path / "resumed"
     shutil.copytree(toy_teacher_run, root)
     before = read_checkpoint(root / "checkpoints" / "last.ckpt")
-    run_cli(
-        "fit",
-        "-c",
-        REPO / "recipes/toy2d/teacher.yaml",
-        "--data.init_args.shards",
-        toy_shards,
-        "--trainer.default_root_dir",
-        root,
-        "--trainer.max_steps",
-        "650",
-        "--ckpt_path",
-        "last",
-        "--trainer.enable_progress_bar",
-        "false",
-    )
+    fit_toy_teacher(toy_shards, root, 650, "--ckpt_path", "last", "--model.init_args.decay_steps", 700)
     after = read_checkpoint(root / "checkpoints" / "last.ckpt")
     # 650 is not a multiple of the 100-step interval: callbacks.checkpoint.Checkpoint still saves the final step,
     # into the same last.ckpt (no last-v1.ckpt although the run folder was copied).
