@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lit_gen.errors import LitGenError, find_user_error
+from lit_gen.errors import LitGenError, find_user_error, first_line
 
 TRAIN_VERBS = ("fit", "validate", "test")
 DEFAULT_ROOT = "runs/default"
@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> Any:
         if message is None and isinstance(err, MisconfigurationException):
             message = " ".join(str(err).split())  # Lightning's own configuration errors are user-facing sentences
         if message is None and isinstance(err, pickle.UnpicklingError):
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            message = f"refusing to load a checkpoint holding objects that would run code when unpickled ({first})"
+            message = (
+                f"refusing to load a checkpoint holding objects that would run code when unpickled ({first_line(err)})"
+            )
         if message is None and isinstance(err, ArgumentError):
             message = f"{condense(str(err))} (see lit-gen {argv[0] if argv else ''} --help)"
         if message is None:

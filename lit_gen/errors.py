@@ -30,3 +30,9 @@ def find_user_error(err: BaseException) -> str | None:
                 return message
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when the message is empty)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

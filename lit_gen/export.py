@@ -26,7 +26,7 @@ from torch import nn
 
 from lit_gen.data.info import denormalize
 from lit_gen.diffusion import SAMPLERS, AutoGuidanceDenoiser, CFGDenoiser, sample
-from lit_gen.errors import LitGenError
+from lit_gen.errors import LitGenError, first_line
 from lit_gen.spec import build
 
 NET_PREFIX = "net."
@@ -40,13 +40,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LitGenError(
-            f"refusing to load {path}: it holds objects that would run code when unpickled ({first})"
+            f"refusing to load {path}: it holds objects that would run code when unpickled ({first_line(err)})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LitGenError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {first}") from None
+        reason = first_line(err)
+        raise LitGenError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {reason}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise LitGenError(f"{path} is not a Lightning checkpoint (no state_dict)")
     if "lit_gen" not in checkpoint:

@@ -17,7 +17,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from lit_gen.diffusion import EDM, VP
-from lit_gen.errors import LitGenError
+from lit_gen.errors import LitGenError, first_line
 from lit_gen.spec import describe
 
 CHECKPOINT_FORMAT = 1
@@ -102,7 +102,7 @@ class GenerativeMethod(LightningModule):
         except Exception as err:  # noqa: BLE001 - any failure here means the shapes do not fit
             raise LitGenError(
                 f"the network {type(self.net).__name__}({self.net.init_args}) cannot take data of shape {shape}: "
-                f"{str(err).splitlines()[0]}"
+                f"{first_line(err)}"
             ) from None
         if tuple(out.shape) != tuple(x.shape):
             raise LitGenError(f"the network returns shape {list(out.shape[1:])} for data of shape {shape}")
