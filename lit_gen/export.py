@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lit_gen.data.info import denormalize
-from lit_gen.diffusion import SAMPLERS, AutoGuidanceDenoiser, CFGDenoiser, sample
+from lit_gen.diffusion import SAMPLERS, AutoGuidanceDenoiser, CFGDenoiser, sample, schedule_from_grid
 from lit_gen.errors import LitGenError, first_line
 from lit_gen.spec import build
 
@@ -53,9 +53,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def net_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The trainable network's tensors, without the module prefix."""
-    return {k[len(NET_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(NET_PREFIX)}
+def net_weights(state_dict: dict[str, torch.Tensor], prefix: str = NET_PREFIX) -> dict[str, torch.Tensor]:
+    """The tensors of the submodule at ``prefix`` (default: the trainable network), without the prefix."""
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def read_model_file(path: str | Path, weights: str = "ema") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -90,6 +90,11 @@ def read_model_file(path: str | Path, weights: str = "ema") -> tuple[dict[str, A
     state = checkpoint["state_dict"]
     if weights == "raw" and "current_model_state" in checkpoint:
         state = checkpoint["current_model_state"]
+    ema_prefix = description.get("ema_prefix")
+    if ema_prefix:
+        # The method keeps its own inference EMA of ``net`` as a submodule (TRACT's µ_I, a consistency model's EMA).
+        description["weights"] = weights
+        return description, net_weights(state, ema_prefix if weights == "ema" else NET_PREFIX)
     has_ema = "current_model_state" in checkpoint
     description["weights"] = "ema" if (weights == "ema" and has_ema) else "raw"
     return description, net_weights(state)
@@ -157,7 +162,12 @@ class LoadedModel:
         denoiser = self.denoiser(guidance)
         generator = torch.Generator(device=device).manual_seed(seed)
         sigmas = None
-        if sampler == "ddim" and getattr(self.param, "kind", "") == "vp":
+        if defaults.get("grid") is not None:
+            # A student trained on fixed σ points (TRACT/BTD, consistency, one-step): its own K-step schedule.
+            sigmas = schedule_from_grid(defaults["grid"], steps, exact=bool(defaults.get("grid_exact", True))).to(
+                device
+            )
+        elif sampler == "ddim" and getattr(self.param, "kind", "") == "vp":
             sigmas = self.param.sigmas_uniform_t(steps).to(device)
         out = []
         for start in range(0, n, batch_size):

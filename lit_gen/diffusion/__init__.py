@@ -5,7 +5,7 @@ Everything works on a denoiser ``D(x, sigma, label) -> x0_hat`` in VE coordinate
 
 from lit_gen.diffusion.broadcast import append_dims, expand_sigma
 from lit_gen.diffusion.edm import EDM, Net
-from lit_gen.diffusion.grids import karras_sigmas
+from lit_gen.diffusion.grids import karras_sigmas, schedule_from_grid
 from lit_gen.diffusion.guidance import AutoGuidanceDenoiser, CFGDenoiser, guide
 from lit_gen.diffusion.samplers import (
     SAMPLERS,
@@ -56,6 +56,7 @@ __all__ = [
     "sample_ddim",
     "sample_euler",
     "sample_heun",
+    "schedule_from_grid",
     "sigma_ve_from_logsnr",
     "t_from_logsnr",
     "v_from_x_eps",

@@ -33,3 +33,22 @@ def karras_sigmas(
     sigmas = (hi + i / (n - 1) * (lo - hi)) ** rho
     sigmas[0], sigmas[-1] = sigma_max, sigma_min
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device=device, dtype=dtype)
+
+
+def schedule_from_grid(grid: list[float] | Tensor, steps: int, exact: bool = True) -> Tensor:
+    """A ``steps``-step σ schedule taken from a student's trained ``grid`` (descending, ending at 0, M + 1 points).
+
+    Students trained to jump between fixed σ points (TRACT/BTD segment boundaries, consistency σ points, a one-step
+    generator's [σ_max, 0]) record that grid in their checkpoint. K steps take every (M/K)-th point; with
+    ``exact=True`` K must divide M (a jump the student never learned is refused), otherwise the nearest points of an
+    even spacing are used.
+    """
+    values = torch.as_tensor(grid, dtype=torch.float64)
+    m = values.numel() - 1
+    if m < 1 or steps < 1 or steps > m or (exact and m % steps):
+        valid = [k for k in range(1, m + 1) if m % k == 0] if exact else list(range(1, m + 1))
+        raise LitGenError(
+            f"this student was trained on a {m}-step grid; --steps must be one of {', '.join(map(str, valid))}"
+        )
+    index = torch.linspace(0, m, steps + 1, dtype=torch.float64).round().long()
+    return values[index].float()
