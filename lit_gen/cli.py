@@ -27,10 +27,11 @@ TRAIN_VERBS = ("fit", "validate", "test")
 DEFAULT_ROOT = "runs/default"
 
 
-def lightning_cli(args: list[str], run: bool = True) -> Any:
+def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -> Any:
     """LightningCLI with lit_gen's defaults: checkpoints in ``<default_root_dir>/checkpoints`` (``last.ckpt``
     kept) and TensorBoard logs in ``<default_root_dir>/tb``. ``run=False`` (args without the verb) only parses
-    and instantiates — what the recipe tests use."""
+    and instantiates — what the recipe tests use; ``instantiate=False`` as well only parses and validates the
+    recipe (``cli.config``), for recipes too big to build on the machine at hand."""
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
@@ -53,6 +54,10 @@ def lightning_cli(args: list[str], run: bool = True) -> Any:
                     class_path="lightning.pytorch.loggers.TensorBoardLogger",
                     init_args=Namespace(save_dir=root, name="tb", version=""),
                 )
+
+        def instantiate_classes(self) -> None:
+            if instantiate:
+                super().instantiate_classes()
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return LitGenCLI(
