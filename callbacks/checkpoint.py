@@ -5,10 +5,15 @@ With ``every_n_train_steps`` set, Lightning's ModelCheckpoint saves only at mult
 left last.ckpt at step 600). This subclass also refreshes ``last.ckpt`` after the final optimizer step — still inside
 ``on_train_batch_end``, before the EMA callback copies the average into the model at ``on_train_end``, so the
 checkpoint keeps both the raw and the averaged weights.
+
+It also makes ``--ckpt_path last`` see the checkpoint Lightning writes on a SLURM preemption signal
+(``hpc_ckpt_<n>.ckpt`` in the run folder): Lightning resolves "last" to the newest file among its checkpoint
+callbacks' last checkpoints, which would otherwise ignore the HPC one and resume from an older ``last.ckpt``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -30,3 +35,10 @@ class Checkpoint(ModelCheckpoint):
         final = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
         if final and self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        found = set(super()._find_last_checkpoints(trainer))
+        root = Path(str(trainer.default_root_dir))
+        if root.is_dir():
+            found |= {str(p) for p in root.glob("hpc_ckpt_*.ckpt")}
+        return found

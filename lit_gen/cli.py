@@ -4,6 +4,7 @@
     lit-gen shards SRC --out DIR [--shard-size N] [--image-size S] [--seed S]
     lit-gen sample --ckpt PATH --n N [--steps K] [--sampler NAME] [--seed S] [--label L] [--guidance G] --out F
     lit-gen export --ckpt PATH --out FILE.safetensors [--weights ema|raw]
+    lit-gen slurm -c RECIPE.yaml [-c OVERLAY.yaml] --nodes N --gpus-per-node G [--time ...] [-- --key value ...]
 
 Training verbs are LightningCLI (recipes are its YAML); the plain tools are argparse. Every user-fixable problem is
 a ``LitGenError`` and is printed as one line (``lit-gen: error: ...``), exit status 2, no traceback.
@@ -128,6 +129,34 @@ def _cmd_export(ns: argparse.Namespace) -> None:
     print(f"exported {ns.weights} weights of {ns.ckpt} to {path}")
 
 
+def _cmd_slurm(ns: argparse.Namespace) -> None:
+    from lit_gen.scale.slurm import recipe_root, sbatch_script
+
+    overrides = list(ns.overrides)
+    if overrides and overrides[0] == "--":
+        overrides = overrides[1:]
+    # Validate the recipe (keys, types) here, not on the cluster after the job waited in the queue.
+    args = [arg for config in ns.config for arg in ("-c", config)] + overrides
+    lightning_cli([*args, f"--trainer.num_nodes={ns.nodes}", f"--trainer.devices={ns.gpus_per_node}"], False, False)
+    script = sbatch_script(
+        ns.config,
+        ns.nodes,
+        ns.gpus_per_node,
+        time=ns.time,
+        partition=ns.partition,
+        account=ns.account,
+        job_name=ns.job_name,
+        cpus_per_task=ns.cpus_per_task,
+        overrides=overrides,
+    )
+    (Path(recipe_root(ns.config, overrides)) / "slurm").mkdir(parents=True, exist_ok=True)  # SLURM opens logs there
+    if ns.out:
+        Path(ns.out).write_text(script)
+        print(f"wrote {ns.out}; submit it with: sbatch {ns.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(script)
+
+
 def _tools_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lit-gen", description="lit_gen: diffusion teachers and fast students.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -160,6 +189,19 @@ def _tools_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="FILE.safetensors")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("slurm", help="print a requeue-safe sbatch file that runs lit-gen fit on a SLURM cluster")
+    p.add_argument("-c", "--config", action="append", required=True, help="recipe YAML (repeat for overlays)")
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (= tasks) per node")
+    p.add_argument("--time", default="24:00:00", help="time limit per allocation (default 24:00:00; requeues)")
+    p.add_argument("--partition", default=None, help="SLURM partition")
+    p.add_argument("--account", default=None, help="SLURM account")
+    p.add_argument("--job-name", default=None, help="job name (default: <dataset>-<method> of the last recipe)")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per GPU task (default 8)")
+    p.add_argument("--out", default=None, help="write the file here instead of printing it")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="extra lit-gen fit arguments after --")
+    p.set_defaults(func=_cmd_slurm)
     return parser
 
 
