@@ -48,6 +48,12 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
                     and callback.init_args.get("dirpath") is None
                 ):
                     callback.init_args.dirpath = str(Path(root) / "checkpoints")
+            names = [str(getattr(callback, "class_path", "")) for callback in trainer.callbacks or []]
+            if self.config.get("subcommand") == "fit" and not any(n.endswith("NonFiniteGuard") for n in names):
+                from jsonargparse import Namespace
+
+                guard = Namespace(class_path="callbacks.nonfinite.NonFiniteGuard", init_args=Namespace(policy="stop"))
+                trainer.callbacks = [*(trainer.callbacks or []), guard]  # always on; list it in a recipe to configure
             if trainer.logger in (None, True):
                 from jsonargparse import Namespace
 
