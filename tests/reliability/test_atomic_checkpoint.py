@@ -48,4 +48,6 @@ def test_fit_leaves_no_partial_files_and_a_readable_last(toy_shards: Path, tmp_p
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert files == ["last.ckpt"]
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    assert checkpoint["global_step"] == 120 and isinstance(checkpoint["state_dict"]["net.proj_out.weight"], torch.Tensor)
+    assert checkpoint["global_step"] == 120 and isinstance(
+        checkpoint["state_dict"]["net.proj_out.weight"], torch.Tensor
+    )
