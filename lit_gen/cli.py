@@ -25,6 +25,10 @@ import numpy as np
 from lit_gen.errors import LitGenError, find_user_error, first_line
 
 TRAIN_VERBS = ("fit", "validate", "test")
+ALWAYS_ON_CALLBACKS = {
+    "callbacks.nonfinite.NonFiniteGuard": {"policy": "stop"},
+    "callbacks.preemption.Preemption": {"requeue": True},
+}
 DEFAULT_ROOT = "runs/default"
 
 
@@ -49,11 +53,14 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
                 ):
                     callback.init_args.dirpath = str(Path(root) / "checkpoints")
             names = [str(getattr(callback, "class_path", "")) for callback in trainer.callbacks or []]
-            if self.config.get("subcommand") == "fit" and not any(n.endswith("NonFiniteGuard") for n in names):
+            if self.config.get("subcommand") == "fit":
                 from jsonargparse import Namespace
 
-                guard = Namespace(class_path="callbacks.nonfinite.NonFiniteGuard", init_args=Namespace(policy="stop"))
-                trainer.callbacks = [*(trainer.callbacks or []), guard]  # always on; list it in a recipe to configure
+                # Always on; list one in a recipe to configure it.
+                for path, init_args in ALWAYS_ON_CALLBACKS.items():
+                    if not any(n.endswith(path.rpartition(".")[2]) for n in names):
+                        callback = Namespace(class_path=path, init_args=Namespace(**init_args))
+                        trainer.callbacks = [*(trainer.callbacks or []), callback]
             if trainer.logger in (None, True):
                 from jsonargparse import Namespace
 
