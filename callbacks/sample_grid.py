@@ -3,6 +3,7 @@ present) with a fixed seed, save ``<default_root_dir>/samples/step_XXXXXXX.png``
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,12 @@ class SampleGrid(Callback):
         self.seed = seed
         self._last_step = -1
 
-    def _module_for_sampling(self, trainer: Trainer, pl_module: LightningModule) -> LightningModule:
+    def _averaged(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        """The EMA weights swapped into ``pl_module.net`` while sampling, when the run keeps an EMA."""
         for callback in trainer.callbacks:
-            if isinstance(callback, EMA) and callback.average_module is not None:
-                return callback.average_module
-        return pl_module
+            if isinstance(callback, EMA) and callback.target == "net":
+                return callback.averaged(pl_module)
+        return contextlib.nullcontext(pl_module.net)
 
     @rank_zero_only
     def _sample(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -54,15 +56,15 @@ class SampleGrid(Callback):
         if step == self._last_step or getattr(pl_module, "data_info", None) is None:
             return
         self._last_step = step
-        source = self._module_for_sampling(trainer, pl_module)
-        was_training = source.net.training
-        model = LoadedModel(net=source.net, param=pl_module.param, description=pl_module.describe())
-        try:
-            samples = model.sample(
-                self.n, steps=self.steps, sampler=self.sampler, seed=self.seed, device=pl_module.device
-            )
-        finally:
-            source.net.train(was_training)
+        with self._averaged(trainer, pl_module) as net:
+            was_training = net.training
+            model = LoadedModel(net=net, param=pl_module.param, description=pl_module.describe())
+            try:
+                samples = model.sample(
+                    self.n, steps=self.steps, sampler=self.sampler, seed=self.seed, device=pl_module.device
+                )
+            finally:
+                net.train(was_training)
         picture = samples_picture(samples, pl_module.data_info["kind"])
         save_png(picture, Path(trainer.default_root_dir) / "samples" / f"step_{step:07d}.png")
         for logger in trainer.loggers:

@@ -86,17 +86,30 @@ def read_model_file(path: str | Path, weights: str = "ema") -> tuple[dict[str, A
             )
         return description, tensors
     checkpoint = read_checkpoint(path)
+    return _description_and_weights(checkpoint, weights)
+
+
+def _description_and_weights(
+    checkpoint: dict[str, Any], weights: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(description, network weights) of a checkpoint dict: EMA from ``ema_state_dict`` (``callbacks.ema.EMA``) or
+    the method's own EMA submodule (``ema_prefix``), raw from ``state_dict``."""
     description = dict(checkpoint["lit_gen"])
     state = checkpoint["state_dict"]
-    if weights == "raw" and "current_model_state" in checkpoint:
-        state = checkpoint["current_model_state"]
+    if "current_model_state" in checkpoint:  # written by Lightning's WeightAveraging: state_dict holds the average
+        state = checkpoint["current_model_state"] if weights == "raw" else state
+        description["weights"] = weights
+        return description, net_weights(state)
     ema_prefix = description.get("ema_prefix")
     if ema_prefix:
         # The method keeps its own inference EMA of ``net`` as a submodule (TRACT's µ_I, a consistency model's EMA).
         description["weights"] = weights
         return description, net_weights(state, ema_prefix if weights == "ema" else NET_PREFIX)
-    has_ema = "current_model_state" in checkpoint
-    description["weights"] = "ema" if (weights == "ema" and has_ema) else "raw"
+    ema = checkpoint.get("ema_state_dict")
+    if weights == "ema" and ema:
+        description["weights"] = "ema"
+        return description, {**net_weights(state), **net_weights(ema)}  # integer buffers are not averaged
+    description["weights"] = "raw"
     return description, net_weights(state)
 
 

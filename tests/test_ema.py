@@ -1,4 +1,4 @@
-"""EMA callback: EDM's half-life with ramp-up, on Lightning's WeightAveraging; the checkpoint holds EMA + raw."""
+"""EMA callback: EDM's half-life with ramp-up of the trained network only; the checkpoint holds EMA + raw."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class _Record(Callback):
 def test_ema_matches_hand_computed_average_and_checkpoint_layout(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     record = _Record()
-    ema = EMA(halflife_steps=3.0, rampup_ratio=0.5)
+    ema = EMA(halflife_steps=3.0, rampup_ratio=0.5, target="layer")
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=6, save_top_k=0)
     trainer = Trainer(
         max_steps=6,
@@ -64,13 +64,13 @@ def test_ema_matches_hand_computed_average_and_checkpoint_layout(tmp_path) -> No
     for k, raw in enumerate(record.raw[1:], start=2):
         beta = ema_beta(k, 3.0, 0.5)
         expected = beta * expected + (1 - beta) * raw
-    averaged = torch.cat([p.detach().flatten() for p in ema.average_module.parameters()])
+    averaged = torch.cat([ema.shadow[k].flatten() for k in ("weight", "bias")])
     torch.testing.assert_close(averaged, expected)
     assert not torch.allclose(expected, record.raw[-1])  # the test would notice "EMA = raw weights"
 
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    saved_ema = torch.cat([checkpoint["state_dict"][k].flatten() for k in ("layer.weight", "layer.bias")])
-    saved_raw = torch.cat([checkpoint["current_model_state"][k].flatten() for k in ("layer.weight", "layer.bias")])
+    saved_ema = torch.cat([checkpoint["ema_state_dict"][k].flatten() for k in ("layer.weight", "layer.bias")])
+    saved_raw = torch.cat([checkpoint["state_dict"][k].flatten() for k in ("layer.weight", "layer.bias")])
     torch.testing.assert_close(saved_ema, expected)
     torch.testing.assert_close(saved_raw, record.raw[-1])
     assert math.isfinite(float(saved_ema.sum()))

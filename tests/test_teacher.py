@@ -81,7 +81,7 @@ def test_toy_teacher_recipe_trains_and_checkpoint_describes_itself(toy_teacher_r
     assert ckpt.is_file()
     checkpoint = read_checkpoint(ckpt)
     section = checkpoint["lit_gen"]
-    assert section["method"] == "teacher" and section["state_dict_is_ema"]
+    assert section["method"] == "teacher" and section["has_ema"] and "ema_state_dict" in checkpoint
     assert section["net"]["class_path"] == "lit_gen.nets.mlp.MLPDenoiser"
     assert section["data"]["shape"] == [2] and section["data"]["kind"] == "points"
     assert checkpoint["global_step"] == 600
@@ -143,8 +143,8 @@ def test_resume_with_ckpt_path_last_continues_the_run(toy_teacher_run: Path, toy
     assert before["global_step"] == 600 and after["global_step"] == 650
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]
     # The EMA continued from the saved average (not restarted from a copy of the raw weights).
-    assert after["callbacks"] and after["lit_gen"]["state_dict_is_ema"]
-    ema, raw = after["state_dict"], after["current_model_state"]
+    assert after["callbacks"] and after["lit_gen"]["has_ema"]
+    ema, raw = after["ema_state_dict"], after["state_dict"]
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
 
 

@@ -140,8 +140,8 @@ class GenerativeMethod(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         section = self.describe()
-        # Lightning's WeightAveraging callback (our EMA) runs first and moves the raw weights aside.
-        section["state_dict_is_ema"] = "current_model_state" in checkpoint
+        # Callbacks save first: callbacks.ema.EMA has put the averaged weights under checkpoint["ema_state_dict"].
+        section["has_ema"] = "ema_state_dict" in checkpoint or bool(section.get("ema_prefix"))
         checkpoint["lit_gen"] = section
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
