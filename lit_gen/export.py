@@ -33,8 +33,17 @@ NET_PREFIX = "net."
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning ``.ckpt`` safely (``weights_only=True``) with a one-line error for every failure."""
+    """Load a Lightning ``.ckpt`` safely (``weights_only=True``) with a one-line error for every failure.
+
+    A DeepSpeed checkpoint folder (what ``lit-gen fit`` writes under a DeepSpeed strategy) is read by
+    ``lit_gen.scale.checkpoints`` into the same layout, its raw weights consolidated to fp32."""
     path = Path(path)
+    if path.is_dir():
+        from lit_gen.scale.checkpoints import is_deepspeed_checkpoint, read_deepspeed_checkpoint
+
+        if not is_deepspeed_checkpoint(path):
+            raise LitGenError(f"{path} is a folder but not a DeepSpeed checkpoint (no 'latest' tag / model states)")
+        return read_deepspeed_checkpoint(path)
     if not path.is_file():
         raise LitGenError(f"checkpoint {path} does not exist")
     try:

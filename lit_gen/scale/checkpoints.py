@@ -1,0 +1,98 @@
+"""Read a DeepSpeed checkpoint folder (any ZeRO stage) as one lit_gen checkpoint dict, without running pickled code.
+
+Lightning's DeepSpeed strategy saves ``last.ckpt/`` as a folder: ``latest`` (the tag), ``<tag>/mp_rank_00_model_states
+.pt`` (the module's state dict as the engine holds it — bf16 under bf16 training, empty placeholders under ZeRO-3 —
+plus Lightning's client state: ``lit_gen`` description, ``callbacks``, ``ema_state_dict``, ...) and one
+``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per rank holding that rank's partition of the fp32 master weights.
+
+The raw weights are consolidated from the fp32 partitions by DeepSpeed's own ``zero_to_fp32`` (the same code as the
+``zero_to_fp32.py`` script DeepSpeed drops in the folder), so they equal the consolidated fp32 weights for every
+stage and world size. DeepSpeed reads those files with ``weights_only=False``; here every ``torch.load`` during the
+conversion is forced to ``weights_only=True`` with exactly three DeepSpeed classes allow-listed (plain records: the
+loss-scaler settings, the ZeRO stage enum and a fragment address), so a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_gen.errors import LitGenError, first_line
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / "latest").is_file() or any(path.glob(f"*/{MODEL_STATES}")))
+
+
+def _tag_dir(path: Path) -> Path:
+    latest = path / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else None
+    candidates = [path / tag] if tag else sorted(p.parent for p in path.glob(f"*/{MODEL_STATES}"))
+    for candidate in candidates:
+        if (candidate / MODEL_STATES).is_file():
+            return candidate
+    raise LitGenError(f"{path} is not a complete DeepSpeed checkpoint (no {MODEL_STATES}); was its save interrupted?")
+
+
+def _allowed_globals() -> list[Any]:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside runs with ``weights_only=True`` (DeepSpeed's own calls included)."""
+    original = torch.load
+
+    @functools.wraps(original)
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = safe_load  # type: ignore[assignment]
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            yield
+    finally:
+        torch.load = original  # type: ignore[assignment]
+
+
+def read_deepspeed_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict (``lit_gen``, ``state_dict`` = consolidated fp32 raw weights, ``ema_state_dict``, ...)."""
+    path = Path(path)
+    tag_dir = _tag_dir(path)
+    try:
+        with _weights_only_loads():
+            client = torch.load(tag_dir / MODEL_STATES, map_location="cpu")
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its progress
+                fp32 = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag_dir.name)
+    except pickle.UnpicklingError as err:
+        raise LitGenError(
+            f"refusing to load {path}: it holds objects that would run code when unpickled ({first_line(err)})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AssertionError) as err:
+        raise LitGenError(f"cannot read DeepSpeed checkpoint {path}: {first_line(err)}") from None
+    if "lit_gen" not in client:
+        raise LitGenError(f"{path} was not written by lit_gen (no 'lit_gen' section in its client state)")
+    module = client.pop("module", None) or {}
+    # Buffers (integer ones too) come from the engine's module state; parameters from the fp32 consolidation.
+    state = {k: v for k, v in module.items() if k not in fp32}
+    state.update({k: v.float() if v.is_floating_point() else v for k, v in fp32.items()})
+    checkpoint = {k: v for k, v in client.items() if k not in ("optimizer", "param_shapes", "frozen_param_shapes")}
+    checkpoint["state_dict"] = state
+    return checkpoint

@@ -1,0 +1,102 @@
+"""DeepSpeed ZeRO-2 on 2 CPU processes and a 2-"node" DDP run on this machine: fit -> resume -> export -> teacher.
+
+Marked multiprocess (they still run in CI). DeepSpeed needs DS_ACCELERATOR=cpu before it is imported, so every run
+is a subprocess of `lit-gen`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_gen.export import export, load_model, read_checkpoint, read_model_file
+from lit_gen.methods.distill import DistillationMethod
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+DS_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=2", "-c", str(REPO / "recipes/scale/deepspeed_cpu.yaml")]
+
+
+def lit_gen(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_gen.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def toy_fit(shards: Path, root: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "fit", "-c", str(REPO / "recipes/toy2d/teacher.yaml"), f"--data.init_args.shards={shards}",
+        f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}", "--trainer.enable_progress_bar=false",
+        "--data.init_args.batch_size=256", *extra,
+    ]  # fmt: skip
+
+
+def test_deepspeed_cpu_fit_resume_export_teacher(toy_shards: Path, tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    lit_gen(*toy_fit(toy_shards, root, 20, *DS_CPU))
+    last = root / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / "latest").is_file()  # a DeepSpeed folder, committed atomically
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]
+    lit_gen(*toy_fit(toy_shards, root, 30, *DS_CPU), "--ckpt_path", "last")
+    checkpoint = read_checkpoint(last)
+    assert checkpoint["global_step"] == 30 and checkpoint["lit_gen"]["method"] == "teacher"
+
+    # Exported raw weights equal DeepSpeed's own consolidated fp32 weights (its converter, trusted here).
+    raw_file = export(last, tmp_path / "raw.safetensors", weights="raw")
+    ema_file = export(last, tmp_path / "ema.safetensors")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(last))
+    _, raw = read_model_file(raw_file, "raw")
+    assert raw and all(torch.equal(v, consolidated[f"net.{k}"]) for k, v in raw.items() if f"net.{k}" in consolidated)
+    _, ema = read_model_file(ema_file)
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    assert torch.isfinite(load_model(ema_file).sample(16, steps=4)).all()
+
+    # The folder itself and the exported file both work as a distillation teacher.
+    for teacher in (last, ema_file):
+        student = DistillationMethod(teacher=str(teacher))
+        for k, v in student.net.state_dict().items():
+            assert torch.equal(v, ema[k]), k
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_one_process_each_fit_resume_export(toy_shards: Path, tmp_path: Path) -> None:
+    """Lightning's env-var cluster settings (LightningEnvironment): each "node" is one external process."""
+    root = tmp_path / "nodes"
+
+    def run_nodes(steps: int, *extra: str) -> None:
+        port = str(free_port())
+        procs = []
+        for node in (0, 1):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                   "NODE_RANK": str(node), "LOCAL_RANK": "0", "WORLD_SIZE": "2"}  # fmt: skip
+            args = toy_fit(toy_shards, root, steps, "--trainer.accelerator=cpu", "--trainer.num_nodes=2",
+                           "--trainer.devices=1", "--trainer.strategy=ddp", *extra)  # fmt: skip
+            procs.append(subprocess.Popen([sys.executable, "-m", "lit_gen.cli", *args], cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-3000:]
+
+    run_nodes(20)
+    run_nodes(30, "--ckpt_path", "last")
+    last = root / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 30
+    model = load_model(export(last, tmp_path / "nodes.safetensors"))
+    assert torch.isfinite(model.sample(16, steps=4)).all()
