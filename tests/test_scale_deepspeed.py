@@ -100,3 +100,16 @@ def test_two_nodes_one_process_each_fit_resume_export(toy_shards: Path, tmp_path
     assert read_checkpoint(last)["global_step"] == 30
     model = load_model(export(last, tmp_path / "nodes.safetensors"))
     assert torch.isfinite(model.sample(16, steps=4)).all()
+
+
+def test_deepspeed_cpu_stage3_fit_export(toy_shards: Path, tmp_path: Path) -> None:
+    """ZeRO-3 partitions the parameters: the EMA gathers them, the export consolidates them."""
+    root = tmp_path / "ds3"
+    lit_gen(*toy_fit(toy_shards, root, 10, *DS_CPU, "--trainer.strategy.init_args.stage=3"))
+    last = root / "checkpoints" / "last.ckpt"
+    assert (last / "checkpoint" / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+    description, ema = read_model_file(last)
+    _, raw = read_model_file(last, "raw")
+    assert description["weights"] == "ema" and ema.keys() == raw.keys()
+    assert all(ema[k].shape == raw[k].shape and ema[k].numel() > 0 for k in raw)
+    assert torch.isfinite(load_model(export(last, tmp_path / "ds3.safetensors")).sample(16, steps=4)).all()

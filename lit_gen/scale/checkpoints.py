@@ -31,17 +31,26 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
     path = Path(path)
-    return path.is_dir() and ((path / "latest").is_file() or any(path.glob(f"*/{MODEL_STATES}")))
+    return path.is_dir() and ((path / "latest").is_file() or any(path.glob("*/*model_states.pt")))
+
+
+def _model_states(tag_dir: Path) -> Path | None:
+    """Rank 0's module file, which carries the client state: ``mp_rank_00_model_states.pt`` (ZeRO 1/2) or
+    ``zero_pp_rank_0_mp_rank_00_model_states.pt`` (ZeRO-3)."""
+    for name in (MODEL_STATES, f"zero_pp_rank_0_{MODEL_STATES}"):
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    return None
 
 
 def _tag_dir(path: Path) -> Path:
     latest = path / "latest"
     tag = latest.read_text().strip() if latest.is_file() else None
-    candidates = [path / tag] if tag else sorted(p.parent for p in path.glob(f"*/{MODEL_STATES}"))
+    candidates = [path / tag] if tag else sorted(p.parent for p in path.glob("*/*model_states.pt"))
     for candidate in candidates:
-        if (candidate / MODEL_STATES).is_file():
+        if _model_states(candidate) is not None:
             return candidate
-    raise LitGenError(f"{path} is not a complete DeepSpeed checkpoint (no {MODEL_STATES}); was its save interrupted?")
+    raise LitGenError(f"{path} is not a complete DeepSpeed checkpoint (no model states); was its save interrupted?")
 
 
 def _allowed_globals() -> list[Any]:
@@ -76,7 +85,7 @@ def read_deepspeed_checkpoint(path: str | Path) -> dict[str, Any]:
     tag_dir = _tag_dir(path)
     try:
         with _weights_only_loads():
-            client = torch.load(tag_dir / MODEL_STATES, map_location="cpu")
+            client = torch.load(_model_states(tag_dir), map_location="cpu")
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its progress
