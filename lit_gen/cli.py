@@ -28,6 +28,7 @@ TRAIN_VERBS = ("fit", "validate", "test")
 ALWAYS_ON_CALLBACKS = {
     "callbacks.nonfinite.NonFiniteGuard": {"policy": "stop"},
     "callbacks.preemption.Preemption": {"requeue": True},
+    "callbacks.rng_state.RNGState": {},
 }
 DEFAULT_ROOT = "runs/default"
 
