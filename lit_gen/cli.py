@@ -5,6 +5,7 @@
     lit-gen sample --ckpt PATH --n N [--steps K] [--sampler NAME] [--seed S] [--label L] [--guidance G] --out F
     lit-gen export --ckpt PATH --out FILE.safetensors [--weights ema|raw]
     lit-gen slurm -c RECIPE.yaml [-c OVERLAY.yaml] --nodes N --gpus-per-node G [--time ...] [-- --key value ...]
+    lit-gen quickstart [--out DIR] [--tiny]        lit-gen pipeline -c PIPELINE.yaml [--out DIR] [--tiny]
 
 Training verbs are LightningCLI (recipes are its YAML); the plain tools are argparse. Every user-fixable problem is
 a ``LitGenError`` and is printed as one line (``lit-gen: error: ...``), exit status 2, no traceback.
@@ -171,6 +172,16 @@ def _cmd_slurm(ns: argparse.Namespace) -> None:
         sys.stdout.write(script)
 
 
+def _cmd_pipeline(ns: argparse.Namespace) -> None:
+    from lit_gen.pipeline import Pipeline, Runner
+
+    recipe = ns.config or str(Path(__file__).resolve().parents[1] / "recipes" / "pipelines" / "digits.yaml")
+    if not ns.config and not Path(recipe).is_file():
+        recipe = "recipes/pipelines/digits.yaml"
+    results = Runner(Pipeline.read(recipe), ns.out, tiny=ns.tiny, log=lambda line: print(line, flush=True)).run()
+    print(f"results: {results}; sample grids: {ns.out}/*.png; TensorBoard: tensorboard --logdir {ns.out}")
+
+
 def _tools_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lit-gen", description="lit_gen: diffusion teachers and fast students.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -216,6 +227,16 @@ def _tools_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the file here instead of printing it")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="extra lit-gen fit arguments after --")
     p.set_defaults(func=_cmd_slurm)
+
+    for verb, text in (
+        ("quickstart", "the main job on built-in digits: shards -> teacher -> TRACT, CD, f-distill -> metrics table"),
+        ("pipeline", "run a multi-stage pipeline recipe (recipes/pipelines/*.yaml), resuming finished stages"),
+    ):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("-c", "--config", required=verb == "pipeline", default=None, help="pipeline recipe YAML")
+        p.add_argument("--out", default=f"runs/{verb}", help=f"output folder (default runs/{verb})")
+        p.add_argument("--tiny", action="store_true", help="a few-minute smoke run (numbers are not meaningful)")
+        p.set_defaults(func=_cmd_pipeline)
     return parser
 
 

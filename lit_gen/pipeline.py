@@ -1,0 +1,201 @@
+"""Multi-stage pipelines (shards -> teacher -> students -> evaluation) that resume per stage.
+
+A pipeline recipe (``recipes/pipelines/*.yaml``) lists stages; each stage is one of:
+
+- ``shards``: ``{source, val_fraction, seed}`` -> ``lit-gen shards`` into ``OUT/<stage>/`` (``train/`` and ``val/``
+  when ``val_fraction`` > 0);
+- ``fit``: ``{recipe, data, teacher, args, tiny}`` -> ``lit-gen fit -c recipe`` into ``OUT/<stage>/``, on the shards of
+  stage ``data``, distilling the last checkpoint of stage ``teacher`` (if given); ``args`` are ``--key value``
+  overrides, ``tiny`` replaces/extends them in ``--tiny`` mode;
+- ``eval``: ``{ref, n, tiny_n, rows: [{model: STAGE, steps: [...], guidance}]}`` -> one metrics table, written to
+  ``OUT/results.md``, plus a sample grid ``OUT/<model>_<steps>step.png`` per row.
+
+A stage that finished leaves ``OUT/<stage>/.done`` and is skipped when the pipeline runs again; an unfinished ``fit``
+stage resumes from its ``last.ckpt`` (``--ckpt_path last``). Relative recipe paths resolve against the current folder,
+then against the folder that holds ``recipes/``. ``lit-gen quickstart`` is this runner on
+``recipes/pipelines/digits.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lit_gen.errors import LitGenError
+
+DONE = ".done"
+PIPELINE_KEYS = {"name", "description", "stages"}
+STAGE_KINDS = {"shards", "fit", "eval"}
+KEYS = {
+    "shards": {"source", "val_fraction", "seed", "shard_size"},
+    "fit": {"recipe", "data", "teacher", "args", "tiny"},
+    "eval": {"ref", "n", "tiny_n", "rows", "metrics", "seed"},
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Pipeline:
+    name: str
+    stages: list[Stage]
+    root: Path  # where relative recipe paths may also resolve (the folder holding recipes/)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Pipeline:
+        path = Path(path)
+        if not path.is_file():
+            raise LitGenError(f"pipeline recipe {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise LitGenError(f"pipeline recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        unknown = set(data) - PIPELINE_KEYS
+        if unknown:
+            raise LitGenError(f"{path}: unknown pipeline keys {sorted(unknown)} (allowed: {sorted(PIPELINE_KEYS)})")
+        stages, names = [], set()
+        for i, entry in enumerate(data.get("stages") or []):
+            kinds = STAGE_KINDS & set(entry)
+            if "name" not in entry or len(kinds) != 1 or set(entry) - kinds - {"name"}:
+                raise LitGenError(f"{path}: stage {i} needs a name and exactly one of {sorted(STAGE_KINDS)}: {entry}")
+            kind = kinds.pop()
+            spec = dict(entry[kind] or {})
+            unknown = set(spec) - KEYS[kind]
+            if unknown:
+                raise LitGenError(f"{path}: stage {entry['name']}: unknown {kind} keys {sorted(unknown)}")
+            for ref in ("data", "teacher", "ref"):
+                if ref in spec and spec[ref] not in names:
+                    raise LitGenError(f"{path}: stage {entry['name']} refers to {spec[ref]!r}, not an earlier stage")
+            for row in spec.get("rows", []):
+                if row.get("model") not in names:
+                    raise LitGenError(f"{path}: eval row model {row.get('model')!r} is not an earlier stage")
+            names.add(entry["name"])
+            stages.append(Stage(entry["name"], kind, spec))
+        if not stages:
+            raise LitGenError(f"{path} has no stages")
+        root = path.resolve().parent
+        while root != root.parent and not (root / "recipes").is_dir():
+            root = root.parent
+        return cls(name=str(data.get("name", path.stem)), stages=stages, root=root)
+
+    def resolve(self, recipe: str) -> Path:
+        for candidate in (Path(recipe), self.root / recipe):
+            if candidate.is_file():
+                return candidate
+        raise LitGenError(f"recipe {recipe} not found (looked in . and {self.root})")
+
+
+def _args(mapping: dict[str, Any] | None) -> list[str]:
+    out = []
+    for key, value in (mapping or {}).items():
+        out += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return out
+
+
+class Runner:
+    """Runs a ``Pipeline`` into ``out``; ``tiny`` uses each stage's ``tiny`` settings (a few minutes in all)."""
+
+    def __init__(self, pipeline: Pipeline, out: str | Path, tiny: bool = False, log: Any = print) -> None:
+        self.pipeline, self.out, self.tiny, self.log = pipeline, Path(out), tiny, log
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def train_shards(self, name: str) -> Path:
+        folder = self.stage_dir(name)
+        return folder / "train" if (folder / "train").is_dir() else folder
+
+    def ref_shards(self, name: str) -> Path:
+        folder = self.stage_dir(name)
+        return folder / "val" if (folder / "val").is_dir() else self.train_shards(name)
+
+    def last_checkpoint(self, name: str) -> Path:
+        return self.stage_dir(name) / "checkpoints" / "last.ckpt"
+
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        total, start = len(self.pipeline.stages), time.time()
+        for i, stage in enumerate(self.pipeline.stages, start=1):
+            done = self.stage_dir(stage.name) / DONE
+            if done.exists():
+                self.log(f"[{i}/{total}] {stage.name}: done earlier, skipped")
+                continue
+            self.log(f"[{i}/{total}] {stage.name}: {stage.kind} ...")
+            t0 = time.time()
+            getattr(self, f"_{stage.kind}")(stage)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(f"{time.time() - t0:.1f}\n")
+            self.log(
+                f"[{i}/{total}] {stage.name}: finished in {time.time() - t0:.0f}s (total {time.time() - start:.0f}s)"
+            )
+        return self.out / "results.md"
+
+    # ------------------------------------------------------------------------------------------------------ stages
+    def _shards(self, stage: Stage) -> None:
+        from lit_gen.cli import main
+
+        spec = stage.spec
+        args = ["shards", str(spec["source"]), "--out", str(self.stage_dir(stage.name))]
+        if spec.get("val_fraction"):
+            args += ["--val-fraction", str(spec["val_fraction"])]
+        if "seed" in spec:
+            args += ["--seed", str(spec["seed"])]
+        if "shard_size" in spec:
+            args += ["--shard-size", str(spec["shard_size"])]
+        main(args)
+
+    def _fit(self, stage: Stage) -> None:
+        from lit_gen.cli import main
+
+        spec = stage.spec
+        args = ["fit", "-c", str(self.pipeline.resolve(spec["recipe"]))]
+        args += ["--trainer.default_root_dir", str(self.stage_dir(stage.name))]
+        if spec.get("data"):
+            args += ["--data.init_args.shards", str(self.train_shards(spec["data"]))]
+        if spec.get("teacher"):
+            args += ["--model.init_args.teacher", str(self.last_checkpoint(spec["teacher"]))]
+        overrides = dict(spec.get("args") or {})
+        if self.tiny:
+            overrides.update(spec.get("tiny") or {})
+        args += _args(overrides)
+        args += ["--ckpt_path", "last"]  # an unfinished stage resumes; a fresh one starts from scratch
+        main(args)
+        if not self.last_checkpoint(stage.name).exists():
+            raise LitGenError(f"stage {stage.name} finished without writing {self.last_checkpoint(stage.name)}")
+
+    def _eval(self, stage: Stage) -> None:
+        import torch
+
+        from lit_gen.eval import Evaluator, format_table
+        from lit_gen.export import load_model
+        from lit_gen.viz import samples_picture, save_png
+
+        spec = stage.spec
+        n = int(spec.get("tiny_n" if self.tiny else "n", spec.get("n", 1000)))
+        evaluator = Evaluator(self.ref_shards(spec["ref"]), spec.get("metrics"), seed=int(spec.get("seed", 0)))
+        rows = []
+        for row in spec["rows"]:
+            model = load_model(self.last_checkpoint(row["model"]))
+            for steps in row.get("steps") or [None]:
+                self.log(f"    {row['model']}: sampling {n} at {steps or 'default'} steps ...")
+                rows += evaluator.evaluate(model, steps=[steps], n=n, seed=int(spec.get("seed", 0)), name=row["model"])
+                with torch.no_grad():
+                    pictures = model.sample(64, steps=steps, seed=0)
+                kind = model.data_info["kind"]
+                save_png(samples_picture(pictures, kind), self.out / f"{row['model']}_{rows[-1]['steps']}step.png")
+        table = format_table(rows)
+        mode = "tiny (--tiny: a smoke test, numbers are not meaningful)" if self.tiny else "full"
+        text = f"# {self.pipeline.name} pipeline results\n\nMode: {mode}. Reference: {self.ref_shards(spec['ref'])}, "
+        text += f"{n} generated samples per row.\n\n{table}\n"
+        (self.out / "results.md").write_text(text)
+        self.log(table)
