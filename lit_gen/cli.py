@@ -1,9 +1,10 @@
 """The ``lit-gen`` command.
 
     lit-gen fit|validate|test -c RECIPE.yaml [-c OVERLAY.yaml ...] [--section.key value ...] [--ckpt_path last]
-    lit-gen shards SRC --out DIR [--shard-size N] [--image-size S] [--seed S]
+    lit-gen shards SRC --out DIR [--shard-size N] [--image-size S] [--seed S] [--val-fraction F] [--workers W]
     lit-gen sample --ckpt PATH --n N [--steps K] [--sampler NAME] [--seed S] [--label L] [--guidance G] --out F
     lit-gen export --ckpt PATH --out FILE.safetensors [--weights ema|raw]
+    lit-gen eval --ckpt PATH --ref SHARDS [--metric fd|mixture|...] [--steps K ...] [--n N] [--json]
     lit-gen slurm -c RECIPE.yaml [-c OVERLAY.yaml] --nodes N --gpus-per-node G [--time ...] [-- --key value ...]
     lit-gen quickstart [--out DIR] [--tiny]        lit-gen pipeline -c PIPELINE.yaml [--out DIR] [--tiny]
 
@@ -105,12 +106,26 @@ def _cmd_shards(ns: argparse.Namespace) -> None:
     start = time.time()
     command = "lit-gen shards " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
     info = write_shards(
-        ns.src, ns.out, shard_size=ns.shard_size, image_size=ns.image_size, seed=ns.seed, command=command
+        ns.src,
+        ns.out,
+        shard_size=ns.shard_size,
+        image_size=ns.image_size,
+        seed=ns.seed,
+        command=command,
+        val_fraction=ns.val_fraction,
+        workers=ns.workers,
+        progress=not ns.no_progress,
     )
+    where = f"{ns.out}/train" if ns.val_fraction > 0 else ns.out
     print(
         f"wrote {info['num_samples']} {info['kind']} samples of shape {info['shape']} "
-        f"({info['num_classes']} classes) in {len(info['shards'])} shard(s) to {ns.out} in {time.time() - start:.1f}s"
+        f"({info['num_classes']} classes) in {len(info['shards'])} shard(s) to {where} in {time.time() - start:.1f}s"
     )
+    if ns.val_fraction > 0:
+        from lit_gen.data.info import read_info
+
+        val = read_info(Path(ns.out) / "val")
+        print(f"wrote {val['num_samples']} validation samples in {len(val['shards'])} shard(s) to {ns.out}/val")
 
 
 def _cmd_sample(ns: argparse.Namespace) -> None:
@@ -193,7 +208,10 @@ def _tools_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
     p.add_argument("--image-size", type=int, default=None, help="resize shorter side + centre-crop to this size")
-    p.add_argument("--seed", type=int, default=0, help="seed for generated built-ins (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the write order, split and built-ins (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction in OUT/val (OUT/train)")
+    p.add_argument("--workers", type=int, default=1, help="parallel encoding processes (same bytes for any value)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_shards)
 
     p = sub.add_parser("sample", help="sample from a checkpoint or exported file to a PNG picture or .npy array")
@@ -227,6 +245,10 @@ def _tools_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the file here instead of printing it")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="extra lit-gen fit arguments after --")
     p.set_defaults(func=_cmd_slurm)
+
+    from lit_gen.eval.command import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
 
     for verb, text in (
         ("quickstart", "the main job on built-in digits: shards -> teacher -> TRACT, CD, f-distill -> metrics table"),

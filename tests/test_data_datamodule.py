@@ -143,7 +143,7 @@ def test_workers(point_data):
     epoch1, epoch2 = list(loader), list(loader)
     assert len(epoch1) == len(epoch2) == 5
     assert all(b["x"].shape == (50, 2) for b in epoch1 + epoch2)
-    # persistent workers advance their seeds: the second epoch draws new data
+    # the stream continues across epochs: the second epoch draws new data
     assert not torch.equal(epoch1[0]["x"], epoch2[0]["x"])
     # the two workers draw different streams
     assert not torch.equal(epoch1[0]["x"], epoch1[1]["x"])

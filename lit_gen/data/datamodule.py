@@ -1,38 +1,71 @@
 """The WebDataset DataModule: shards -> normalised batches ``{"x": float32, "label": int64}``.
 
-Training stream (per rank, per DataLoader worker)::
+Training stream, per rank and DataLoader worker (``lit_gen.data.stream``)::
 
-    ResampledShards(seeded, deterministic) -> tar -> shuffle buffer (seeded) -> decode -> tensors -> batched(full)
+    shards (seeded draws, or a seeded split) -> tar -> per-sample mixing of sources -> shuffle buffer (seeded)
+        -> decode (bad samples skipped and counted) -> tensors -> batches
 
-The stream is infinite and cut into epochs of exactly ``steps_per_epoch`` batches on every rank, so ranks never
-disagree about the epoch length (which would hang DDP). Shards are drawn with replacement, each rank and worker
-with its own seed; that replaces ``split_by_node``/``split_by_worker`` (splitting an infinite resampled stream would
-only throw shards away, and splitting a finite list leaves ranks empty when there are fewer shards than ranks).
+Two modes:
 
-Everything is seeded by ``(seed, rank, worker, epoch)``, so with the same seed and world size the stream is the
-same run after run. (Restoring the exact stream position on resume is a separate step: it needs the count of batches
-drawn, saved in the checkpoint, on top of this seeded stream.)
+- ``resampled=True`` (default): each rank and worker draws shards with replacement from its own seeded RNG, forever;
+  epochs are cut at exactly ``steps_per_epoch`` batches on every rank, so ranks never wait on each other (the
+  webdataset maintainers' advice against DDP hangs). Works with any number of shards, even fewer than ranks x
+  workers. Several sources (``shards: "a/::b/"``) are mixed per sample with ``weights`` (default: their sizes).
+- ``resampled=False`` (exact epochs): the shard list is split over ranks x workers (webdataset's
+  ``split_by_node``/``split_by_worker`` in one step), so every sample is read exactly once per epoch. Needs at least
+  ranks x workers shards (checked before training) and shard sizes (``dataset.json`` has them; local shards are
+  counted otherwise). Each worker's last batch of an epoch may be partial. When ranks get unequal numbers of batches
+  the shorter ones repeat their last batch, so every rank takes the same number of steps.
+
+Labels: ``.cls`` when present; unconditional data gets 0; unlabelled sources mixed with labelled ones get the null
+class ``num_classes``.
+
+Bad data: a shard that cannot be opened or is truncated, a sample that does not decode, lacks its key or has the
+wrong shape is skipped, counted and warned about (naming the shard); the count reaches the training process inside
+the batches and is logged as ``data/skipped`` (summed over ranks). More than ``max_skipped_fraction`` skipped stops
+the run with a one-line error.
+
+Exact resume: the stream position (batches delivered, and each worker's raw sample position on every rank) is saved
+in the checkpoint, both in Lightning's fit-loop state (the loader is stateful) and in this DataModule's
+``state_dict``. A resumed run sees exactly the batches the uninterrupted run would have seen, for any
+``num_workers``, as long as world size, ``num_workers``, batch size, seed, mode and shards are unchanged. If any of
+them changed (e.g. a different world size), a ``DataWarning`` says so and the stream restarts fresh, seeded by
+``(seed, batches already delivered)``: no exact continuation, but no replay of the old run's first batches either.
+
+Shard folders written with ``lit-gen shards --val-fraction`` (``DIR/train`` and ``DIR/val``) can be given as ``DIR``:
+training then reads ``DIR/train`` and, unless ``val_shards`` is set, validation reads ``DIR/val``. ``DIR/train``
+itself works too (then no validation unless ``val_shards``).
 """
 
 from __future__ import annotations
 
-import functools
 import glob
-import io
-import math
-import random
 import re
+import tarfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import braceexpand
 import lightning as L
-import numpy as np
 import torch
 import webdataset as wds
 
-from lit_gen.data.info import INFO_NAME, normalize, read_info
+from lit_gen.data.info import INFO_NAME, read_info
+from lit_gen.data.stream import (
+    Collate,
+    DataWarning,
+    SampleDecoder,
+    ShardStream,
+    Source,
+    StreamLoader,
+    decode_npy,
+    fingerprint,
+    rank_batches,
+)
 from lit_gen.errors import LitGenError
+
+__all__ = ["DataWarning", "ShardDataModule", "decode_npy", "resolve_shards"]
 
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # "http://...", "s3://...", "pipe:..."; not "C:\\" (one letter)
 
@@ -45,9 +78,10 @@ def resolve_shards(spec: str) -> list[str]:
     """Expand a shard specification into a list of shard URLs/paths.
 
     Args:
-        spec: A folder (all ``*.tar`` in it, sorted), a glob (``data/*.tar``), a brace pattern
-            (``data/shard-{000000..000009}.tar``), or URLs webdataset opens (``https://...``, ``pipe:...``);
-            several specifications may be joined with ``::``.
+        spec: A folder (all ``*.tar`` in it, sorted; a folder holding ``train/`` from ``lit-gen shards
+            --val-fraction`` means its ``train/``), a glob (``data/*.tar``), a brace pattern
+            (``data/shard-{000000..000009}.tar``), or URLs webdataset opens (``https://...``, ``pipe:...``,
+            ``s3://...`` through its ``pipe:`` handlers); several specifications may be joined with ``::``.
 
     Raises:
         LitGenError: When a local folder or file does not exist, or nothing matches.
@@ -59,7 +93,7 @@ def resolve_shards(spec: str) -> list[str]:
                 urls.append(item)
                 continue
             local = re.sub(r"^file://?", "", item)
-            path = Path(local).expanduser()
+            path = _split_folder(Path(local).expanduser())
             if path.is_dir():
                 found = sorted(str(p) for p in path.glob("*.tar"))
                 if not found:
@@ -79,104 +113,65 @@ def resolve_shards(spec: str) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
-def _rank_worker_seed(rank: int) -> int:
-    """Per-(rank, worker) seed for ``ResampledShards`` (the rank is fixed in the main process: spawned workers
-    cannot see the process group)."""
-    info = torch.utils.data.get_worker_info()
-    return rank * 1000 + (info.id if info is not None else 0)
+def _split_folder(path: Path) -> Path:
+    """``DIR`` written with ``--val-fraction`` (no shards, a ``train/`` with ``dataset.json``) -> ``DIR/train``."""
+    if path.is_dir() and not any(path.glob("*.tar")) and (path / "train" / INFO_NAME).is_file():
+        return path / "train"
+    return path
 
 
-class SeededShuffle(wds.PipelineStage):
-    """webdataset's shuffle buffer, reseeded per (seed, rank, worker, epoch).
-
-    ``wds.shuffle(seed=...)`` gives every rank and worker the same permutation and ``wds.detshuffle`` ignores rank
-    and worker; with fewer shards than ranks, ranks that draw the same shard would then see identical batches.
-
-    Args:
-        bufsize: Samples held in the buffer (<= 1: no shuffling).
-        seed: Base seed.
-        rank: Global rank of the process that builds the pipeline.
-    """
-
-    def __init__(self, bufsize: int, seed: int, rank: int) -> None:
-        self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, -1
-
-    def run(self, src: Any) -> Any:
-        self.epoch += 1
-        if self.bufsize <= 1:
-            return src
-        rng = random.Random(wds.utils.make_seed(self.seed, _rank_worker_seed(self.rank), self.epoch))
-        return wds.shuffle(self.bufsize, self.bufsize, rng=rng)(src)
-
-
-@functools.lru_cache(maxsize=64)
-def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
-    """(dtype, shape, fortran_order, data offset) of an .npy header, parsed once per distinct header."""
-    stream = io.BytesIO(header)
-    version = np.lib.format.read_magic(stream)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(stream)
-    return dtype, shape, fortran, stream.tell()
-
-
-def decode_npy(data: bytes) -> np.ndarray:
-    """Decode .npy bytes; the header is parsed once per distinct header (np.load parses it for every sample, which
-    made point decoding cost ~25 us/sample, as much as reading the tar)."""
-    if data[6:7] == b"\x01":
-        end = 10 + int.from_bytes(data[8:10], "little")
-    else:
-        end = 12 + int.from_bytes(data[8:12], "little")
-    dtype, shape, fortran, offset = _npy_header(bytes(data[:end]))
-    if dtype.hasobject:
-        raise LitGenError("refusing an .npy sample holding Python objects")
-    array = np.frombuffer(data, dtype=dtype, offset=offset, count=int(np.prod(shape)) if shape else 1)
-    return array.reshape(shape, order="F" if fortran else "C")
-
-
-def _to_pair(sample: dict[str, Any], kind: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-    """Decoded sample -> (raw tensor in the dataset's shape, class index; 0 without classes)."""
-    x = sample["png"] if kind == "image" else torch.from_numpy(decode_npy(sample["npy"]).copy())
-    if x.numel() != math.prod(shape):
-        raise LitGenError(
-            f"sample {sample['__key__']} in {sample.get('__url__', '?')} has shape {tuple(x.shape)}, but {INFO_NAME} "
-            f"says {list(shape)}"
-        )
-    return x.reshape(shape), int(sample.get("cls", 0))
-
-
-class _Collate:
-    """Stack raw samples and normalise them per ``dataset.json`` (a class, so spawned workers can pickle it)."""
-
-    def __init__(self, info: dict[str, Any]) -> None:
-        self.info = info
-
-    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
-        x = torch.stack([s[0] for s in samples])
-        return {
-            "x": normalize(x, self.info).to(torch.float32),
-            "label": torch.tensor([s[1] for s in samples], dtype=torch.int64),
-        }
+def _shard_sizes(urls: list[str], info: dict[str, Any], count: bool) -> tuple[int, ...] | None:
+    """Samples per shard: from ``dataset.json`` (``shard_sizes``), else counted in local tars when ``count``."""
+    known = dict(zip(info.get("shards", []), info.get("shard_sizes", []), strict=False))
+    names = [Path(u).name for u in urls]
+    if all(n in known for n in names):
+        return tuple(int(known[n]) for n in names)
+    if not count:
+        return None
+    sizes = []
+    for url in urls:
+        if _is_remote(url):
+            raise LitGenError(
+                f"resampled=False needs the size of every shard, and {url} is remote and not listed with "
+                f"shard_sizes in {INFO_NAME}; rewrite the shards with `lit-gen shards` or use resampled=True"
+            )
+        try:
+            with tarfile.open(url) as tar:
+                keys = {m.name.split("/")[-1].split(".", 1)[0] for m in tar.getmembers() if m.isreg()}
+        except (OSError, tarfile.TarError) as err:
+            raise LitGenError(f"cannot count the samples in {url}: {err}") from None
+        sizes.append(len(keys))
+    return tuple(sizes)
 
 
 class ShardDataModule(L.LightningDataModule):
     """Batches ``{"x": float32 [B, C, H, W] in [-1, 1] or [B, D], "label": int64 [B]}`` from WebDataset shards.
 
-    The shard list and ``dataset.json`` are resolved here, in the constructor, so missing data fails before training.
+    The shard lists and ``dataset.json`` files are resolved here, in the constructor, so missing data fails before
+    training; see the module docstring for the modes, mixing, bad data and resume.
 
     Args:
-        shards: Training shards: a folder (all ``*.tar`` in it), a glob (``data/*.tar``), a brace pattern
-            (``data/shard-{000000..000009}.tar``) or URLs webdataset opens. ``dataset.json`` is read from beside the
-            first shard when it is local; remote shards need ``info_file``.
-        batch_size: Samples per batch on each rank (every batch is full).
+        shards: Training shards: a folder (all ``*.tar`` in it; a ``--val-fraction`` output folder means its
+            ``train/``), a glob (``data/*.tar``), a brace pattern (``data/shard-{000000..000009}.tar``) or URLs
+            webdataset opens. ``dataset.json`` is read from beside the first shard when it is local; remote shards
+            need ``info_file``. Several sources joined with ``::`` (``"a/::b/"``) are mixed (see ``weights``).
+        batch_size: Samples per batch on each rank (every batch is full in resampled mode).
         num_workers: DataLoader worker processes per rank (0: load in the training process).
         shuffle_buffer: Samples held in the shuffle buffer (<= 1: no sample shuffling).
-        seed: Seed of the shard sampling and the shuffle buffer.
+        seed: Seed of the shard sampling, the mixing and the shuffle buffer.
         val_shards: Validation shards, same forms as ``shards``; every rank reads all of them in order, so all ranks
-            see the same number of batches. None: no validation loader.
+            see the same number of batches. None: ``DIR/val`` when ``shards`` is a ``--val-fraction`` output
+            folder ``DIR``, else no validation loader.
         val_batch_size: Validation batch size (default: ``batch_size``); the last batch may be smaller.
-        steps_per_epoch: Batches per training epoch on every rank (default: num_samples // (batch_size * world_size),
-            at least 1).
-        info_file: Path of the ``dataset.json`` to use instead of the one beside the shards.
+        steps_per_epoch: Batches per training epoch on every rank, resampled mode only (default: num_samples //
+            (batch_size * world_size), at least 1).
+        info_file: Path of the ``dataset.json`` to use instead of the ones beside the shards (for every source).
+        weights: Mixing weights of the ``::``-separated sources, one each (normalised; resampled mode). Default:
+            proportional to their sample counts, i.e. every sample equally likely.
+        resampled: True: endless seeded resampling of shards, fixed-length epochs. False: exact epochs, every
+            sample once per epoch, shards split over ranks and workers.
+        max_skipped_fraction: Stop the run with an error when more than this fraction of the samples read had to
+            be skipped as unreadable (checked after 1000 samples).
     """
 
     def __init__(
@@ -190,6 +185,9 @@ class ShardDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         steps_per_epoch: int | None = None,
         info_file: str | None = None,
+        weights: list[float] | None = None,
+        resampled: bool = True,
+        max_skipped_fraction: float = 0.05,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -199,14 +197,46 @@ class ShardDataModule(L.LightningDataModule):
             raise LitGenError(f"num_workers must be >= 0, got {num_workers}")
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise LitGenError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        if steps_per_epoch is not None and not resampled:
+            raise LitGenError("steps_per_epoch applies to resampled=True; exact epochs are as long as the data")
+        if not 0.0 <= max_skipped_fraction <= 1.0:
+            raise LitGenError(f"max_skipped_fraction must lie in [0, 1], got {max_skipped_fraction}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.val_batch_size = val_batch_size or batch_size
         self.steps_per_epoch = steps_per_epoch
-        self.urls = resolve_shards(shards)
-        self._info = self._read_info(self.urls, info_file, shards)
+        self.resampled = resampled
+        self.max_skipped_fraction = max_skipped_fraction
+
+        parts = shards.split("::")
+        if weights is not None:
+            if len(weights) != len(parts):
+                raise LitGenError(f"{len(weights)} weights for {len(parts)} shard sources in {shards!r}")
+            if any(w <= 0 for w in weights):
+                raise LitGenError(f"mixing weights must be positive, got {weights}")
+            if not resampled:
+                raise LitGenError("mixing weights need resampled=True (exact epochs read every sample once)")
+        part_urls = [resolve_shards(p) for p in parts]
+        infos = [self._read_info(u, info_file, p) for u, p in zip(part_urls, parts, strict=True)]
+        self._info = self._merge_infos(infos, parts)
+        classes = self._info["num_classes"]
+        self.sources = [
+            Source(
+                urls=tuple(u),
+                sizes=_shard_sizes(u, i, count=not resampled),
+                labelled=int(i.get("num_classes", 0) or 0) > 0 or classes == 0,
+                weight=float(weights[k] if weights is not None else i["num_samples"]),
+            )
+            for k, (u, i) in enumerate(zip(part_urls, infos, strict=True))
+        ]
+        self.urls = [u for s in self.sources for u in s.urls]
+
+        if val_shards is None and len(parts) == 1 and not _is_remote(parts[0]):
+            parent = Path(parts[0]).expanduser()
+            if _split_folder(parent) != parent and (parent / "val" / INFO_NAME).is_file():
+                val_shards = str(parent / "val")
         self.val_urls: list[str] | None = None
         if val_shards is not None:
             self.val_urls = resolve_shards(val_shards)
@@ -215,6 +245,8 @@ class ShardDataModule(L.LightningDataModule):
             # No hook at all (rather than an empty loader): Lightning then skips validation without warnings.
             self.val_dataloader = None  # type: ignore[method-assign,assignment]
             self.test_dataloader = None  # type: ignore[method-assign,assignment]
+        self._train_loader: StreamLoader | None = None
+        self._pending_state: dict[str, Any] = {}
 
     @staticmethod
     def _read_info(urls: list[str], info_file: str | None, spec: str) -> dict[str, Any]:
@@ -226,6 +258,33 @@ class ShardDataModule(L.LightningDataModule):
                 f"copy as info_file (--data.info_file PATH)"
             )
         return read_info(Path(urls[0]).parent / INFO_NAME)
+
+    @staticmethod
+    def _merge_infos(infos: list[dict[str, Any]], parts: list[str]) -> dict[str, Any]:
+        """One description for a mixture: same kind and shape, same classes where labelled, summed sizes."""
+        first = infos[0]
+        labelled = [i for i in infos if int(i.get("num_classes", 0) or 0) > 0]
+        for info, part in zip(infos[1:], parts[1:], strict=True):
+            if (info["kind"], list(info["shape"])) != (first["kind"], list(first["shape"])):
+                raise LitGenError(
+                    f"shard source {part!r} holds {info['kind']} {info['shape']} but {parts[0]!r} holds "
+                    f"{first['kind']} {first['shape']}; mixed sources must match"
+                )
+            if info["normalize"] != first["normalize"]:
+                warnings.warn(
+                    f"shard source {part!r} has its own normalisation; all sources use the one of {parts[0]!r}",
+                    DataWarning,
+                    2,
+                )
+        for info in labelled[1:]:
+            if info.get("class_names") != labelled[0].get("class_names"):
+                raise LitGenError("mixed labelled shard sources must have the same classes (class_names)")
+        merged = dict(labelled[0] if labelled else first)
+        merged["normalize"] = first["normalize"]
+        merged["num_samples"] = sum(int(i["num_samples"]) for i in infos)
+        if len(infos) > 1:
+            merged["sources"] = list(parts)
+        return merged
 
     def _check_val_info(self, spec: str) -> None:
         """Validation data is normalised like the training data; it must at least have the same kind and shape."""
@@ -241,7 +300,7 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def info(self) -> dict[str, Any]:
-        """The training shards' ``dataset.json`` content."""
+        """The training shards' ``dataset.json`` content (merged over mixed sources)."""
         return self._info
 
     def _rank_world(self) -> tuple[int, int]:
@@ -252,50 +311,105 @@ class ShardDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
-    def _decode_stages(self) -> list[Any]:
-        kind, shape = self._info["kind"], tuple(int(s) for s in self._info["shape"])
-        stages = []
-        if kind == "image":
-            stages.append(wds.decode(wds.imagehandler("torchl8" if shape[0] == 1 else "torchrgb8")))
-        # Points: "npy" bytes are decoded in _to_pair by decode_npy (no generic decoder pass needed).
-        stages.append(wds.map(functools.partial(_to_pair, kind=kind, shape=shape)))
-        return stages
-
     def num_batches_per_epoch(self) -> int:
-        """Training batches per epoch on each rank."""
+        """Training batches per epoch on each rank.
+
+        Raises:
+            LitGenError: In exact-epoch mode, when there are fewer shards than ranks x workers.
+        """
+        _, world = self._rank_world()
+        if not self.resampled:
+            slots = world * max(1, self.num_workers)
+            if len(self.urls) < slots:
+                raise LitGenError(
+                    f"resampled=False splits the shards over ranks x workers = {world} x {max(1, self.num_workers)}, "
+                    f"but there are only {len(self.urls)} shard(s); write smaller shards (--shard-size), use fewer "
+                    "workers, or resampled=True"
+                )
+            per_rank = rank_batches(self.sources, world, max(1, self.num_workers), self.batch_size)
+            if min(per_rank) != max(per_rank):
+                warnings.warn(
+                    f"resampled=False: ranks get {min(per_rank)} to {max(per_rank)} batches per epoch; the shorter "
+                    f"ranks repeat their last batch to keep step with the others (make the number of shards a "
+                    f"multiple of ranks x workers, with equal sizes, for exact epochs)",
+                    DataWarning,
+                    2,
+                )
+            return max(per_rank)
         if self.steps_per_epoch is not None:
             return self.steps_per_epoch
-        _, world = self._rank_world()
         return max(1, int(self._info["num_samples"]) // (self.batch_size * world))
 
-    def train_dataloader(self) -> wds.WebLoader:
-        """An endless seeded stream of full batches, cut into epochs of ``num_batches_per_epoch()`` batches."""
-        rank, _ = self._rank_world()
+    def train_dataloader(self) -> StreamLoader:
+        """The training stream (see the module docstring), continuing from the saved position after a resume."""
+        rank, world = self._rank_world()
         steps = self.num_batches_per_epoch()
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(
-                self.urls, seed=self.seed, worker_seed=functools.partial(_rank_worker_seed, rank), deterministic=True
-            ),
-            wds.tarfile_to_samples(),
-            SeededShuffle(self.shuffle_buffer, self.seed, rank),  # before decoding: the buffer holds encoded bytes
-            *self._decode_stages(),
-            wds.batched(self.batch_size, collation_fn=_Collate(self._info), partial=False),
+        stream = ShardStream(
+            self.sources, self._info, self.batch_size, self.shuffle_buffer, self.seed, rank, world, self.resampled
         )
-        # Persistent workers keep their copy of the pipeline, so its epoch counters advance and each epoch draws new
-        # shards; fresh workers would restart from the same seed every epoch.
-        loader = wds.WebLoader(
-            pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+        # A rebuilt loader (Lightning #20550, reload_dataloaders_every_n_epochs) continues where the last one was.
+        state = self._train_loader.state_dict() if self._train_loader is not None else self._pending_state
+        if self._train_loader is not None:
+            self._train_loader.close()
+        self._train_loader = StreamLoader(
+            stream, self.num_workers, steps, self.max_skipped_fraction, state, fingerprint(self.sources)
         )
-        return loader.with_epoch(steps).with_length(steps, silent=True)
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream position (empty before the first training loader exists)."""
+        if self._train_loader is not None:
+            return {"train_stream": self._train_loader.state_dict()}
+        return {"train_stream": self._pending_state} if self._pending_state else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training stream from a checkpoint (applied when the training loader is made).
+
+        Args:
+            state_dict: What ``state_dict()`` returned.
+        """
+        self._pending_state = dict(state_dict.get("train_stream") or {})
+        if self._train_loader is not None and self._pending_state:
+            self._train_loader.load_state_dict(self._pending_state)
+
+    def data_stats(self) -> dict[str, int]:
+        """Counters of this rank's training stream: batches and samples delivered, samples skipped."""
+        loader = self._train_loader
+        if loader is None:
+            return {"batches": 0, "samples": 0, "skipped": 0}
+        return {"batches": loader.delivered, "samples": loader.samples, "skipped": loader.skipped}
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Log ``data/skipped`` (summed over ranks) every ``log_every_n_steps`` training steps."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training or not trainer.loggers or self._train_loader is None:
+            return batch
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            counts = torch.tensor([float(self._train_loader.skipped)], device=trainer.strategy.root_device)
+            total = trainer.strategy.reduce(counts, reduce_op="sum") if trainer.world_size > 1 else counts
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics({"data/skipped": float(total[0])}, step=trainer.global_step)
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        """Stop the training stream's worker processes."""
+        if self._train_loader is not None:
+            self._train_loader.close()
+
+    def _decode_stages(self) -> list[Any]:
+        decoder = SampleDecoder(self._info["kind"], self._info["shape"])
+        return [wds.map(decoder, handler=wds.warn_and_continue)]
 
     def val_dataloader(self) -> wds.WebLoader:
-        """Validation batches (only when ``val_shards`` was given): every shard in order, unshuffled."""
+        """Validation batches (only with validation shards): every shard in order, unshuffled; unreadable samples
+        and shards are skipped with a warning."""
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.val_urls),
             wds.split_by_worker,
-            wds.tarfile_to_samples(),
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
             *self._decode_stages(),
-            wds.batched(self.val_batch_size, collation_fn=_Collate(self._info), partial=True),
+            wds.batched(self.val_batch_size, collation_fn=Collate(self._info), partial=True),
         )
         workers = min(self.num_workers, len(self.val_urls))
         return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
