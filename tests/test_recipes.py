@@ -105,8 +105,8 @@ def test_recipe_instantiates_and_trains(
         args += ["--model.init_args.teacher", str(teachers(dataset))]
     cli = lightning_cli(args, run=False)
     cli.model.attach_data(cli.datamodule.info)  # the data shape and classes fit the network
-    if dataset not in RUN_ONE_STEP:
-        return
+    if dataset not in RUN_ONE_STEP or (is_distillation(recipe) and dataset == "cifar10"):
+        return  # a distillation step of the 56M-parameter CIFAR net costs ~45 s here: instantiation only
     trainable = [p for p in cli.model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
     cli.trainer.fit(cli.model, cli.datamodule)

@@ -44,6 +44,11 @@ def load_teacher(path: str | Path) -> LoadedModel:
         raise LitGenError(message if str(path) in message else f"teacher {path}: {message}") from None
 
 
+def _without_dropout(spec: dict[str, Any]) -> dict[str, Any]:
+    """A network description minus its dropout rate (the student may drop the teacher's dropout: same weights)."""
+    return {**spec, "init_args": {k: v for k, v in spec["init_args"].items() if k != "dropout"}}
+
+
 class DistillationMethod(GenerativeMethod):
     """Base for students distilled from a frozen teacher (TRACT/BTD, consistency distillation, f-distill).
 
@@ -52,7 +57,8 @@ class DistillationMethod(GenerativeMethod):
         net: the student network; None = the teacher's architecture.
         param: the parameterisation; None = the teacher's (a different one is an error).
         guidance: classifier-free guidance scale of the teacher being distilled (1 = unguided).
-        init_from_teacher: start the student from the teacher's weights (needs the same architecture).
+        init_from_teacher: start the student from the teacher's weights (needs the same architecture; the dropout
+            rate may differ).
         optimizer: optimizer factory for the student.
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         decay_steps: linear learning-rate decay to 0 at this step (0 = constant).
@@ -78,8 +84,9 @@ class DistillationMethod(GenerativeMethod):
                 "drop model.param to use the teacher's"
             )
         student = net if net is not None else copy.deepcopy(loaded.net)
+        student.requires_grad_(True).train()  # the loaded teacher comes frozen; its copy is trained
         if init_from_teacher:
-            if describe(student) != describe(loaded.net):
+            if _without_dropout(describe(student)) != _without_dropout(describe(loaded.net)):
                 raise LitGenError(
                     f"the student network {describe(student)} differs from the teacher's {describe(loaded.net)}; "
                     "use the teacher's architecture or set model.init_from_teacher false"
