@@ -72,7 +72,10 @@ def main() -> None:
                 continue
             module = build_module(recipe, Path(tmp))
             trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-            frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+            # A method-owned EMA copy (net_ema, e.g. TRACT / f-distill) is counted once, as the fp32 EMA below.
+            frozen = sum(
+                p.numel() for name, p in module.named_parameters() if not p.requires_grad and "_ema." not in name
+            )
             ema = sum(p.numel() for p in module.net.parameters())
             t, f = trainable, frozen
             stages = {
