@@ -113,3 +113,38 @@ def test_deepspeed_cpu_stage3_fit_export(toy_shards: Path, tmp_path: Path) -> No
     assert description["weights"] == "ema" and ema.keys() == raw.keys()
     assert all(ema[k].shape == raw[k].shape and ema[k].numel() > 0 for k in raw)
     assert torch.isfinite(load_model(export(last, tmp_path / "ds3.safetensors")).sample(16, steps=4)).all()
+
+
+def test_deepspeed_teacher_folder_distils_and_fdistill_resumes_under_zero2(toy_shards: Path, tmp_path: Path) -> None:
+    """A DeepSpeed teacher folder feeds a distillation (5 TRACT steps); f-distill's three networks under one
+    optimizer fit, resume and export under ZeRO-2; a ZeRO folder refuses another world size."""
+    teacher = tmp_path / "teacher"
+    lit_gen(*toy_fit(toy_shards, teacher, 10, *DS_CPU))
+    folder = teacher / "checkpoints" / "last.ckpt"
+    common = [f"--data.init_args.shards={toy_shards}", "--trainer.enable_progress_bar=false",
+              "--data.init_args.batch_size=128", f"--model.init_args.teacher={folder}"]  # fmt: skip
+    tract = tmp_path / "tract"
+    lit_gen("fit", "-c", str(REPO / "recipes/toy2d/tract.yaml"), *common, f"--trainer.default_root_dir={tract}",
+            "--trainer.max_steps=5")  # fmt: skip
+    assert read_checkpoint(tract / "checkpoints" / "last.ckpt")["global_step"] == 5
+
+    student = tmp_path / "fdistill"
+    fdistill = [
+        "fit",
+        "-c",
+        str(REPO / "recipes/toy2d/fdistill.yaml"),
+        *common,
+        f"--trainer.default_root_dir={student}",
+    ]
+    lit_gen(*fdistill, "--trainer.max_steps=6", *DS_CPU)
+    lit_gen(*fdistill, "--trainer.max_steps=10", *DS_CPU, "--ckpt_path", "last")
+    last = student / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and read_checkpoint(last)["global_step"] == 10
+    assert torch.isfinite(load_model(export(last, tmp_path / "fd.safetensors")).sample(16)).all()
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    args = [*fdistill, "--trainer.max_steps=12", *DS_CPU, "--trainer.devices=1", "--ckpt_path", "last"]
+    proc = subprocess.run([sys.executable, "-m", "lit_gen.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "written by 2 DeepSpeed ranks but this run has 1" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -23,13 +23,16 @@ import argparse
 from typing import Any
 
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from lit_gen.scale.strategies import DeepSpeed
 
-class DeepSpeedCPUStrategy(DeepSpeedStrategy):
-    """``DeepSpeedStrategy`` whose three CUDA-only checks are bypassed (set ``DS_ACCELERATOR=cpu``). For tests."""
+
+class DeepSpeedCPUStrategy(DeepSpeed):
+    """lit_gen's ``DeepSpeed`` strategy (safe, checked resume) with Lightning's three CUDA-only checks bypassed (set
+    ``DS_ACCELERATOR=cpu``). For tests and for checking a DeepSpeed configuration without GPUs."""
 
     strategy_name = "deepspeed_cpu"
 
