@@ -38,6 +38,7 @@ class GenerativeMethod(LightningModule):
     method_name = "base"
     default_sampler: str = "heun"
     default_steps: int = 18
+    supports_zero3: bool = True  # methods that copy parameters between networks set False
 
     def __init__(
         self,
@@ -66,6 +67,12 @@ class GenerativeMethod(LightningModule):
         return int(getattr(self.net, "init_args", {}).get("num_classes", 0) or 0)
 
     def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "zero_stage_3", False) and not self.supports_zero3:
+            raise LitGenError(
+                f"the {self.method_name} method does not support DeepSpeed ZeRO stage 3 (its EMA / target / frozen "
+                "copies of the network would read partitioned parameters); use deepspeed_stage2.yaml or ddp.yaml"
+            )
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         info = getattr(datamodule, "info", None)
         if info is not None:

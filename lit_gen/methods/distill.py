@@ -65,6 +65,10 @@ class DistillationMethod(GenerativeMethod):
     """
 
     method_name = "distill"
+    # The students keep EMA / target / teacher copies of the network as plain modules; under ZeRO-3 their parameters
+    # are partitioned placeholders, so those copies would silently read nothing (measured: TRACT's inference EMA
+    # stayed at the teacher's weights). ZeRO 1/2 keep whole parameters on every rank and work.
+    supports_zero3 = False
 
     def __init__(
         self,
