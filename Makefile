@@ -14,13 +14,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
-# The main job on built-in data (no downloads). Until `lit-gen quickstart` exists this is the toy 2-D teacher:
-# shards -> fit (~3 min on 2 CPU cores) -> 35-NFE samples (PNG density + .npy points).
+# The main job on built-in digits (no downloads): shards -> EDM teacher -> TRACT, consistency and f-distill students
+# -> metrics table in runs/quickstart/results.md (~20 min on 2 idle CPU cores; re-running resumes finished stages).
 quickstart: $(STAMP)
-	$(BIN)/lit-gen shards builtin:toy2d:gmm8 --out runs/data/toy2d_gmm8
-	$(BIN)/lit-gen fit -c recipes/toy2d/teacher.yaml
-	$(BIN)/lit-gen sample --ckpt runs/toy2d/teacher/checkpoints/last.ckpt --n 8192 --out runs/toy2d/teacher/samples.png
-	$(BIN)/lit-gen sample --ckpt runs/toy2d/teacher/checkpoints/last.ckpt --n 8192 --out runs/toy2d/teacher/samples.npy
+	$(BIN)/lit-gen quickstart --out runs/quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lit_gen.diffusion.broadcast import compute_dtype
+from lit_gen.diffusion.consistency import sample_consistency
 from lit_gen.diffusion.grids import karras_sigmas
 from lit_gen.errors import LitGenError
 
@@ -113,6 +114,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
         stochastic=True,
     ),
     "ddim": SamplerSpec(sample_ddim, lambda steps: steps, "deterministic DDIM; identical to Euler in VE coordinates"),
+    "consistency": SamplerSpec(
+        sample_consistency,
+        lambda steps: steps,
+        "multistep consistency sampling, CM Alg. 1: f at each σ point, fresh noise in between",
+        stochastic=True,
+    ),
 }
 
 

@@ -1,0 +1,78 @@
+"""Pipeline recipes: validation errors, and a small toy2d pipeline that runs, writes results and resumes per stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lit_gen.errors import LitGenError
+from lit_gen.pipeline import Pipeline, Runner
+from tests.conftest import REPO
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_pipeline_recipes_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(LitGenError, match="unknown pipeline keys"):
+        Pipeline.read(write(tmp_path, "stages: []\nfoo: 1\n"))
+    with pytest.raises(LitGenError, match="not an earlier stage"):
+        Pipeline.read(write(tmp_path, "stages:\n  - {name: t, fit: {recipe: r.yaml, data: nope}}\n"))
+    with pytest.raises(LitGenError, match="unknown fit keys"):
+        Pipeline.read(write(tmp_path, "stages:\n  - {name: t, fit: {recipe: r.yaml, epochs: 3}}\n"))
+    with pytest.raises(LitGenError, match="exactly one of"):
+        Pipeline.read(write(tmp_path, "stages:\n  - {name: t}\n"))
+    shipped = Pipeline.read(REPO / "recipes" / "pipelines" / "digits.yaml")
+    for stage in shipped.stages:
+        if stage.kind == "fit":
+            assert shipped.resolve(stage.spec["recipe"]).is_file()
+
+
+@pytest.mark.slow
+def test_toy_pipeline_runs_and_resumes_per_stage(tmp_path: Path) -> None:
+    recipe = write(
+        tmp_path,
+        """
+name: toy
+stages:
+  - name: data
+    shards: {source: "builtin:toy2d:gmm8:4000", shard_size: 2000}
+  - name: teacher
+    fit:
+      recipe: recipes/toy2d/teacher.yaml
+      data: data
+      args: {trainer.max_steps: 400, model.init_args.decay_steps: 400, trainer.enable_progress_bar: false}
+      tiny: {trainer.max_steps: 30, model.init_args.decay_steps: 30, model.init_args.warmup_steps: 5}
+  - name: eval
+    eval: {ref: data, n: 2000, tiny_n: 500, rows: [{model: teacher, steps: [1, 18]}]}
+""",
+    )
+    out = tmp_path / "out"
+    lines: list[str] = []
+    Runner(Pipeline.read(recipe), out, tiny=True, log=lines.append).run()
+    results = (out / "results.md").read_text()
+    assert "| teacher |" in results and "mode_tv" in results
+    assert (out / "teacher_1step.png").is_file() and (out / "teacher" / "checkpoints" / "last.ckpt").is_file()
+    lines.clear()
+    Runner(Pipeline.read(recipe), out, tiny=True, log=lines.append).run()
+    assert sum("skipped" in line for line in lines) == 3
+
+
+@pytest.mark.slow
+def test_quickstart_tiny_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lit-gen quickstart --tiny`: shards -> teacher -> TRACT, CD, f-distill -> results.md + grids."""
+    from tests.conftest import run_cli
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "qs"
+    run_cli("quickstart", "--tiny", "--out", out)
+    results = (out / "results.md").read_text()
+    for model in ("teacher", "tract", "cd", "fdistill_js"):
+        assert f"| {model} |" in results, model
+    assert "| fd " in results or "| fd |" in results
+    assert {p.name for p in out.glob("*.png")} >= {"teacher_1step.png", "tract_1step.png", "fdistill_js_1step.png"}
+    assert (out / "teacher" / "tb").is_dir()
