@@ -79,3 +79,8 @@ def test_schedule_from_grid() -> None:
     with pytest.raises(LitGenError, match="one of 1, 2, 4"):
         schedule_from_grid(grid, 3)
     assert len(schedule_from_grid(grid, 3, exact=False)) == 4
+
+
+def test_student_is_trainable(teacher_ckpt: Path) -> None:
+    method = DistillationMethod(teacher=str(teacher_ckpt))
+    assert all(p.requires_grad for p in method.net.parameters())

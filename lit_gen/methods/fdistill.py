@@ -194,8 +194,6 @@ class FDistill(DistillationMethod):
             warmup_steps=warmup_steps,
             decay_steps=decay_steps,
         )
-        # ``load_model`` hands out a frozen network and the base class copies it for the student: unfreeze it.
-        self.net.requires_grad_(True)
         self.divergence = get_divergence(divergence, alpha)
         checks = [
             (update_ratio >= 1, f"update_ratio must be >= 1, got {update_ratio}"),

@@ -117,8 +117,6 @@ class TRACT(DistillationMethod):
             optimizer=optimizer,
             warmup_steps=warmup_steps,
         )
-        # The loaded teacher network comes frozen; its copy that becomes the student must train.
-        self.net.requires_grad_(True)
         self.phases = PhaseSchedule.from_config(schedule, steps_per_phase)
         check_target(target, self.phases)
         is_vp = getattr(self.param, "kind", "") == "vp"
