@@ -75,4 +75,5 @@ def test_quickstart_tiny_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert f"| {model} |" in results, model
     assert "| fd " in results or "| fd |" in results
     assert {p.name for p in out.glob("*.png")} >= {"teacher_1step.png", "tract_1step.png", "fdistill_js_1step.png"}
+    assert "| cd | consistency | consistency | 2 |" in results
     assert (out / "teacher" / "tb").is_dir()
