@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lit_gen.diffusion.broadcast import append_dims, compute_dtype, expand_sigma
-from lit_gen.diffusion.edm import Net
+from lit_gen.diffusion.broadcast import append_dims, compute_dtype
+from lit_gen.diffusion.edm import EDM
 from lit_gen.diffusion.grids import karras_sigmas
 from lit_gen.errors import LitGenError
 from lit_gen.spec import Configurable
@@ -90,13 +90,9 @@ class ConsistencyParam(Configurable):
         """c_noise(σ) = ln(σ) / 4 (EDM Table 1; CM's code feeds 1000·ln(σ)/4 to its own embedding)."""
         return torch.log(sigma) / 4
 
-    def denoise(self, net: Net, x: Tensor, sigma: Tensor | float, label: Tensor | None = None) -> Tensor:
-        """f(x, σ) = c_skip(σ) x + c_out(σ) F(c_in(σ) x, c_noise(σ)) (CM eq. 27). ``sigma``: [B] or a scalar."""
-        s = expand_sigma(sigma, x)
-        sb = append_dims(s, x.ndim)
-        x = x.to(s.dtype)
-        f = net(self.c_in(sb) * x, self.c_noise(s), label)
-        return self.c_skip(sb) * x + self.c_out(sb) * f.to(s.dtype)
+    # f(x, σ) = c_skip(σ) x + c_out(σ) F(c_in(σ) x, c_noise(σ)) (CM eq. 27): EDM's preconditioned denoiser with the
+    # σ_min-shifted scalings above, so the same code serves both.
+    denoise = EDM.denoise
 
 
 # --------------------------------------------------------------------------------------------- discretisation

@@ -8,7 +8,6 @@ first ``limit`` samples are a random subset of the data.
 
 from __future__ import annotations
 
-import functools
 import io
 from pathlib import Path
 from typing import Any
@@ -19,29 +18,8 @@ import webdataset as wds
 from PIL import Image
 
 from lit_gen.data.info import INFO_NAME, read_info
+from lit_gen.data.stream import decode_npy
 from lit_gen.errors import LitGenError
-
-
-@functools.lru_cache(maxsize=16)
-def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
-    stream = io.BytesIO(header)
-    version = np.lib.format.read_magic(stream)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(stream)
-    return dtype, shape, fortran, stream.tell()
-
-
-def _npy(data: bytes) -> np.ndarray:
-    """Decode ``.npy`` bytes, parsing each distinct header once (``np.load`` per sample costs ~4x more); refuses
-    object arrays (no unpickling)."""
-    size = (
-        int.from_bytes(data[8:10], "little") + 10 if data[6:7] == b"\x01" else int.from_bytes(data[8:12], "little") + 12
-    )
-    dtype, shape, fortran, offset = _npy_layout(bytes(data[:size]))
-    if dtype.hasobject:
-        raise LitGenError("refusing an .npy sample holding Python objects")
-    array = np.frombuffer(data, dtype=dtype, offset=offset, count=int(np.prod(shape)))
-    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def _decode(sample: dict[str, Any], kind: str, shape: list[int]) -> np.ndarray:
@@ -55,7 +33,10 @@ def _decode(sample: dict[str, Any], kind: str, shape: list[int]) -> np.ndarray:
     else:
         if "npy" not in sample:
             raise LitGenError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no npy array")
-        array = _npy(sample["npy"])
+        try:
+            array = decode_npy(sample["npy"])  # the stream's decoder: header parsed once, object arrays refused
+        except ValueError as err:
+            raise LitGenError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: {err}") from None
     if array.size != int(np.prod(shape)):
         raise LitGenError(
             f"sample {sample.get('__key__')} in {sample.get('__url__')} has shape {list(array.shape)}, but "
