@@ -76,6 +76,12 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
             if instantiate:
                 super().instantiate_classes()
 
+        def before_fit(self) -> None:
+            # A global batch that does not divide across devices fails here, before any process is launched.
+            resolve = getattr(self.datamodule, "resolve_batch_size", None)
+            if resolve is not None:
+                resolve(self.trainer.world_size, self.trainer.accumulate_grad_batches)
+
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return LitGenCLI(
         LightningModule,

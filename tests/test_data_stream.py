@@ -87,6 +87,17 @@ def test_resume_continues_the_exact_stream(points, workers, segment, monkeypatch
         assert same(head + take(loader, 16 - k - len(head)), reference[k:])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reading_leaves_the_global_rng_alone(points, workers):
+    """Training noise comes from the global RNG; opening and reading the stream (epochs included) must not draw from
+    it (torch draws each DataLoader iterator's worker base seed from the loader's own generator here)."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    dm = ShardDataModule(str(points), batch_size=32, num_workers=workers, steps_per_epoch=3, shuffle_buffer=64)
+    assert len(take(dm.train_dataloader(), 7)) == 7  # three iterators opened
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_changed_world_size_warns_and_starts_a_fresh_stream(points, monkeypatch):
     first = ShardDataModule(str(points), batch_size=32, steps_per_epoch=5)
     seen = take(first.train_dataloader(), 3)

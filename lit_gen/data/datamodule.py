@@ -156,6 +156,9 @@ class ShardDataModule(L.LightningDataModule):
             webdataset opens. ``dataset.json`` is read from beside the first shard when it is local; remote shards
             need ``info_file``. Several sources joined with ``::`` (``"a/::b/"``) are mixed (see ``weights``).
         batch_size: Samples per batch on each rank (every batch is full in resampled mode).
+        global_batch_size: Samples per optimizer step over all ranks (and gradient-accumulation steps); when given it
+            replaces ``batch_size``, which becomes global_batch_size / (world size x accumulate_grad_batches), and a
+            global batch that does not divide evenly is a one-line error before any work.
         num_workers: DataLoader worker processes per rank (0: load in the training process).
         shuffle_buffer: Samples held in the shuffle buffer (<= 1: no sample shuffling).
         seed: Seed of the shard sampling, the mixing and the shuffle buffer.
@@ -188,6 +191,7 @@ class ShardDataModule(L.LightningDataModule):
         weights: list[float] | None = None,
         resampled: bool = True,
         max_skipped_fraction: float = 0.05,
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -201,7 +205,11 @@ class ShardDataModule(L.LightningDataModule):
             raise LitGenError("steps_per_epoch applies to resampled=True; exact epochs are as long as the data")
         if not 0.0 <= max_skipped_fraction <= 1.0:
             raise LitGenError(f"max_skipped_fraction must lie in [0, 1], got {max_skipped_fraction}")
+        if global_batch_size is not None and global_batch_size < 1:
+            raise LitGenError(f"global_batch_size must be at least 1, got {global_batch_size}")
         self.batch_size = batch_size
+        self.global_batch_size = global_batch_size
+        self._val_batch_size_given = val_batch_size is not None
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -302,6 +310,33 @@ class ShardDataModule(L.LightningDataModule):
     def info(self) -> dict[str, Any]:
         """The training shards' ``dataset.json`` content (merged over mixed sources)."""
         return self._info
+
+    def resolve_batch_size(self, world_size: int, accumulate: int = 1) -> int:
+        """The per-rank batch size; with ``global_batch_size`` it is derived here (called by ``lit-gen fit`` before
+        any process starts, and again in ``setup``).
+
+        Raises:
+            LitGenError: When ``global_batch_size`` is not a multiple of world_size x accumulate.
+        """
+        if self.global_batch_size is None:
+            return self.batch_size
+        slots = max(1, int(world_size)) * max(1, int(accumulate))
+        if self.global_batch_size % slots:
+            lower = max(slots, self.global_batch_size // slots * slots)
+            raise LitGenError(
+                f"global_batch_size {self.global_batch_size} does not divide across {world_size} device(s) x "
+                f"{accumulate} accumulation step(s) = {slots}; use a multiple of {slots} (e.g. {lower} or "
+                f"{lower + slots}), or set data.batch_size per device instead"
+            )
+        self.batch_size = self.global_batch_size // slots
+        if not self._val_batch_size_given:
+            self.val_batch_size = self.batch_size
+        return self.batch_size
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        _, world = self._rank_world()
+        self.resolve_batch_size(world, trainer.accumulate_grad_batches if trainer is not None else 1)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

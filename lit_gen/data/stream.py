@@ -461,7 +461,12 @@ class StreamLoader:
     def _open(self, plan: dict[str, Any]) -> None:
         self.close()
         self.stream.plan = plan
-        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+        # Its own generator: torch draws a base seed for the workers each time an iterator opens, which would
+        # otherwise come from (and advance) the global RNG that training's noise is drawn from.
+        generator = torch.Generator().manual_seed(seed_of(int(plan.get("seed", 0)), self.stream.rank, 6))
+        loader = torch.utils.data.DataLoader(
+            self.stream, batch_size=None, num_workers=self.num_workers, generator=generator
+        )
         self._it = iter(loader)
         # The finalizer holds the iterator, so when this loader is garbage-collected (often inside a reference
         # cycle) the workers are shut down while their queues are still intact; left to the collector, torch's

@@ -64,3 +64,22 @@ def test_zero3_with_a_distillation_method_is_refused_before_work(toy_teacher_run
     method._trainer = SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True), datamodule=None)  # type: ignore
     with pytest.raises(LitGenError, match="does not support DeepSpeed ZeRO stage 3"):
         method.setup("fit")
+
+
+def test_global_batch_that_does_not_divide_across_devices_fails_before_launch(toy_shards: Path, tmp_path: Path) -> None:
+    args = ["fit", "-c", str(REPO / "recipes/toy2d/teacher.yaml"), f"--data.init_args.shards={toy_shards}",
+            "--data.init_args.global_batch_size=100", "--trainer.devices=3", "--trainer.strategy=ddp",
+            f"--trainer.default_root_dir={tmp_path / 'run'}"]  # fmt: skip
+    line = lit_gen_error(tmp_path, *args)
+    assert "global_batch_size 100 does not divide across 3 device(s)" in line and "multiple of 3" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_global_batch_is_split_over_devices_and_accumulation(toy_shards: Path) -> None:
+    from lit_gen.data.datamodule import ShardDataModule
+
+    dm = ShardDataModule(str(toy_shards), global_batch_size=96)
+    assert dm.resolve_batch_size(4, 2) == 12 and dm.batch_size == dm.val_batch_size == 12
+    assert ShardDataModule(str(toy_shards), batch_size=7).resolve_batch_size(8) == 7  # per-device size kept
+    with pytest.raises(LitGenError, match="use a multiple of 8 \\(e.g. 96 or 104\\)"):
+        ShardDataModule(str(toy_shards), global_batch_size=100).resolve_batch_size(8)
