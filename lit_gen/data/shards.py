@@ -305,7 +305,7 @@ def _array_source(
     class_names: list[str] | None = None,
 ) -> _Source:
     """Classify an array as points or images (see ``write_shards``) and check its values."""
-    if data.dtype.kind not in "uif" or data.ndim not in (2, 3, 4) or data.shape[0] == 0:
+    if data.dtype.kind not in "uif" or data.ndim not in (2, 3, 4) or data.size == 0:
         raise LitGenError(
             f"{where} holds an array of shape {tuple(data.shape)} and dtype {data.dtype}; expected numeric points "
             "(N, D) or images (N, H, W), (N, C, H, W), (N, H, W, C) with C in {1, 3}"
