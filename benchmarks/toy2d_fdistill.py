@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--teacher-root", default="runs/bench/toy2d_teacher")
     parser.add_argument("--out", default="runs/bench/toy2d_fdistill")
     parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--skip-existing", action="store_true", help="reuse a run whose last.ckpt exists")
     parser.add_argument("extra", nargs="*", help="more `lit-gen fit` arguments (after --)")
     args = parser.parse_args()
     teacher_root = Path(args.teacher_root)
@@ -65,13 +66,16 @@ def main() -> None:
                     f"--seed_everything={seed}", f"--trainer.default_root_dir={root}",
                     "--trainer.enable_progress_bar=false", *args.extra,
                 ]  # fmt: skip
-                start = time.time()
-                subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-                fit_s = time.time() - start
+                if args.skip_existing and (root / "checkpoints" / "last.ckpt").is_file():
+                    fit_s = "(earlier run)"
+                else:
+                    start = time.time()
+                    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+                    fit_s = f"{time.time() - start:.0f}"
                 student = load_model(root / "checkpoints" / "last.ckpt")
                 m = mixture_metrics(student.sample(args.n, seed=1).numpy(), spec)
                 label = f"{divergence}, λ_GAN={gan:g}, seed {seed}"
-                rows.append(row(label, f"{fit_s:.0f}", 1, m))
+                rows.append(row(label, fit_s, 1, m))
                 print(rows[-1], flush=True)
     print(f"\n{args.mixture}: {args.n} samples, seed 1 for sampling; extra fit args: {' '.join(args.extra) or '-'}")
     print("| model | fit wall (s) | NFE | mode TV | off-mode | modes covered |")

@@ -4,7 +4,7 @@ Per step (EDM, Karras et al. 2022 §5 / eq. 2 and Table 1; VP, Salimans & Ho 202
     y ~ data, label dropped to the null class with probability ``label_dropout`` (classifier-free guidance,
     Ho & Salimans 2022), loss = ``param.loss(net, y, label)`` averaged over the batch.
 The loss maths lives in ``lit_gen.diffusion`` (EDM.loss / VP.loss); this module only wires it to the data.
-EMA of the weights is Lightning's ``WeightAveraging`` (see ``callbacks.ema.EMA``), gradient clipping is the
+EMA of the weights is lit_gen's ``callbacks.ema.EMA`` callback, gradient clipping is the
 Trainer's ``gradient_clip_val``.
 """
 
