@@ -1,5 +1,6 @@
-"""Sample grids during training: every N optimizer steps, sample from the EMA weights (if an EMA callback is
-present) with a fixed seed, save ``<default_root_dir>/samples/step_XXXXXXX.png`` and log the picture to TensorBoard."""
+"""Sample grids during training: every N optimizer steps, sample from the EMA weights (the EMA callback's, or the
+method's own EMA network named by ``describe()["ema_prefix"]``, as export does) with a fixed seed, save
+``<default_root_dir>/samples/step_XXXXXXX.png`` and log the picture to TensorBoard."""
 
 from __future__ import annotations
 
@@ -44,7 +45,11 @@ class SampleGrid(Callback):
         self._last_step = -1
 
     def _averaged(self, trainer: Trainer, pl_module: LightningModule) -> Any:
-        """The EMA weights swapped into ``pl_module.net`` while sampling, when the run keeps an EMA."""
+        """The EMA weights: the method's own EMA network (TRACT's inference EMA, f-distill's generator EMA), or the
+        EMA callback's weights swapped into ``pl_module.net`` while sampling; else the raw network."""
+        prefix = pl_module.describe().get("ema_prefix") if hasattr(pl_module, "describe") else None
+        if prefix:
+            return contextlib.nullcontext(pl_module.get_submodule(prefix.rstrip(".")))
         for callback in trainer.callbacks:
             if isinstance(callback, EMA) and callback.target == "net":
                 return callback.averaged(pl_module)
