@@ -98,6 +98,26 @@ def test_reading_leaves_the_global_rng_alone(points, workers):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+@pytest.mark.parametrize("resampled", [True, False])
+def test_decoded_sample_cache_gives_the_same_batches_and_is_bounded(folder74, resampled):
+    """PNG shards: cached and uncached streams agree batch for batch over several passes (epochs); the cache fills
+    up to its budget and no further, and a later pass reads cached shards without decoding."""
+    shards, _ = folder74
+
+    def batches(cache_mb: float) -> tuple[list[dict], ShardDataModule]:
+        kwargs = {"steps_per_epoch": 6} if resampled else {"resampled": False}
+        dm = ShardDataModule(str(shards), batch_size=8, shuffle_buffer=16, cache_mb=cache_mb, **kwargs)
+        return take(dm.train_dataloader(), 24), dm
+
+    plain, _ = batches(0)
+    cached, dm = batches(1)
+    assert same(plain, cached)
+    stream = dm._train_loader.stream
+    assert len(stream._cache) == 4 and 0 < stream._cached_bytes <= 2**20  # all 4 shards (74 images of 8x8x3)
+    tiny, dm = batches(10000 / 2**20)  # room for one shard (20 images x (192 + 256) bytes), not two
+    assert same(plain, tiny) and 0 < len(dm._train_loader.stream._cache) < 4
+
+
 def test_changed_world_size_warns_and_starts_a_fresh_stream(points, monkeypatch):
     first = ShardDataModule(str(points), batch_size=32, steps_per_epoch=5)
     seen = take(first.train_dataloader(), 3)
@@ -266,18 +286,23 @@ def test_skipped_fraction_ceiling_stops_the_run(points, tmp_path):
         list(dm.train_dataloader())
 
 
+@pytest.mark.parametrize("cache_mb", [0, 64])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_exact_with_bad_samples(points, tmp_path, workers, monkeypatch):
+def test_resume_is_exact_with_bad_samples(points, tmp_path, workers, cache_mb, monkeypatch):
     monkeypatch.setattr("lit_gen.data.stream.SEGMENT", 150)
     bad = tmp_path / "bad"
     _corrupt(points, bad)
     warnings.simplefilter("ignore", DataWarning)
 
-    def dm():
+    def dm(cache=cache_mb):
         return ShardDataModule(
-            str(bad), batch_size=40, num_workers=workers, steps_per_epoch=6, shuffle_buffer=30, max_skipped_fraction=1
-        )
+            str(bad), batch_size=40, num_workers=workers, steps_per_epoch=6, shuffle_buffer=30, max_skipped_fraction=1,
+            cache_mb=cache,
+        )  # fmt: skip
 
+    if cache_mb:  # the decoded-sample cache changes nothing: same batches, same skip counts
+        uncached_dm = dm(0)
+        uncached = take(uncached_dm.train_dataloader(), 24)
     reference_dm = dm()
     reference = take(reference_dm.train_dataloader(), 24)
     assert reference_dm.data_stats()["skipped"] > 0
@@ -287,6 +312,8 @@ def test_resume_is_exact_with_bad_samples(points, tmp_path, workers, monkeypatch
     resumed.load_state_dict(first.state_dict())
     assert same(take(resumed.train_dataloader(), 13), reference[11:])
     assert resumed.data_stats() == reference_dm.data_stats()
+    if cache_mb:
+        assert same(reference, uncached) and reference_dm.data_stats() == uncached_dm.data_stats()
 
 
 def test_every_shard_failing_is_one_error(tmp_path, points):

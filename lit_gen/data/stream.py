@@ -172,6 +172,7 @@ class _Errors:
 
     def __init__(self, give_up_after: int) -> None:
         self.skipped = 0
+        self.failed_shards = 0
         self.warned: set[str] = set()
         self.bad_shards_in_a_row = 0
         self.give_up_after = give_up_after
@@ -189,6 +190,7 @@ class _Errors:
     def shard(self, url: str, err: BaseException, read: int, expected: int | None) -> None:
         lost = max(1, expected - read) if expected is not None else 1
         self.skipped += lost
+        self.failed_shards += 1
         self._warn(url, f"skipped the rest of shard {url} after {read} samples ({lost} lost): {_one_line(err)}")
 
     def progress(self, read: int, url: str, err: BaseException | None) -> None:
@@ -242,6 +244,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         rank: This process's global rank.
         world_size: Number of ranks.
         resampled: Infinite stream of shards drawn with replacement (True) or exact epochs over the split shards.
+        cache_mb: Keep up to this many MiB of decoded samples per reading process (0: no cache). A shard read
+            completely is kept decoded, and later reads of it skip tar parsing and decoding; samples, order, skips
+            and resume positions are exactly those of the uncached stream. For data sets that fit in memory.
     """
 
     def __init__(
@@ -254,6 +259,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         rank: int,
         world_size: int,
         resampled: bool = True,
+        cache_mb: float = 0.0,
     ) -> None:
         super().__init__()
         self.sources, self.info, self.batch_size = sources, info, batch_size
@@ -268,15 +274,47 @@ class ShardStream(torch.utils.data.IterableDataset):
         # {"start": batches this stream delivered, "seed": stream seed, "raw": {slot: raw position}}; epoch mode:
         # {"epoch": e}.
         self.plan: dict[str, Any] = {"start": 0, "seed": seed, "raw": {}, "epoch": 0}
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: dict[tuple[int, str], list[tuple[str, Any]]] = {}
+        self._cached_bytes = 0
+
+    # ------------------------------------------------------------------------------------------------ shard cache
+    def _read(self, index: int, k: int, errors: _Errors) -> Iterator[dict[str, Any]]:
+        """The samples of shard ``k`` of source ``index``; with the cache on, decoded (``__decoded__``: the decoder's
+        output, or the exception it raised, re-raised where decoding would happen) and kept when the shard was read
+        whole and fits in the budget."""
+        source = self.sources[index]
+        url, expected = source.urls[k], (source.sizes[k] if source.sizes else None)
+        cached = self._cache.get((index, url))
+        if cached is not None:
+            for key, decoded in cached:
+                yield {"__key__": key, "__url__": url, "__src__": index, "__decoded__": decoded}
+            errors.progress(len(cached), url, None)
+            return
+        keep: list[tuple[str, Any]] | None = [] if self._cached_bytes < self.cache_bytes else None
+        size, failures = 0, errors.failed_shards
+        decoder = self.decoders[index]
+        for sample in read_shard(url, errors, expected):
+            sample["__src__"] = index
+            if keep is not None:
+                try:
+                    decoded: Any = decoder(sample)
+                    size += decoded[0].numel() * decoded[0].element_size() + 256  # + per-sample object overhead
+                except Exception as err:  # counted where decoding would happen, every time it is read
+                    decoded = err
+                sample["__decoded__"] = decoded
+                keep.append((str(sample.get("__key__", "?")), decoded))
+            yield sample
+        whole = errors.failed_shards == failures  # read_shard counted no break-off (truncated / corrupt tar)
+        if keep is not None and whole and self._cached_bytes + size <= self.cache_bytes:
+            self._cache[(index, url)] = keep
+            self._cached_bytes += size
 
     # ------------------------------------------------------------------------------------------------ raw samples
     def _shards_forever(self, index: int, rng: random.Random, errors: _Errors) -> Iterator[dict[str, Any]]:
         source = self.sources[index]
         while True:
-            k = rng.randrange(len(source.urls))
-            for sample in read_shard(source.urls[k], errors, source.sizes[k] if source.sizes else None):
-                sample["__src__"] = index
-                yield sample
+            yield from self._read(index, rng.randrange(len(source.urls)), errors)
 
     def _segment(self, slot: int, seed: int, segment: int, errors: _Errors) -> Iterator[dict[str, Any]]:
         """Endless raw (undecoded) samples of segment ``segment`` of worker slot ``slot`` on this rank: seeded shard
@@ -321,10 +359,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         def samples() -> Iterator[dict[str, Any]]:
             for i, k in shards:
-                source = self.sources[i]
-                for sample in read_shard(source.urls[k], errors, source.sizes[k] if source.sizes else None):
-                    sample["__src__"] = i
-                    yield sample
+                yield from self._read(i, k, errors)
 
         return self._shuffled(samples(), seed_of(self.seed, epoch, slot, 5))
 
@@ -345,7 +380,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         for sample in raw:
             pos += 1
             try:
-                batch.append(decoders[sample["__src__"]](sample))
+                decoded = sample.get("__decoded__")
+                if decoded is None:
+                    decoded = decoders[sample["__src__"]](sample)
+                elif isinstance(decoded, Exception):
+                    raise decoded
+                batch.append(decoded)
             except Exception as err:  # an undecodable sample is skipped and counted, never fatal
                 errors.sample(sample, err)
                 continue
