@@ -8,7 +8,8 @@ A pipeline recipe (``recipes/pipelines/*.yaml``) lists stages; each stage is one
   stage ``data``, distilling the last checkpoint of stage ``teacher`` (if given); ``args`` are ``--key value``
   overrides, ``tiny`` replaces/extends them in ``--tiny`` mode;
 - ``eval``: ``{ref, n, tiny_n, rows: [{model: STAGE, steps: [...], guidance}]}`` -> one metrics table, written to
-  ``OUT/results.md``, plus a sample grid ``OUT/<model>_<steps>step.png`` per row.
+  ``OUT/results.md`` (with ``fd_ratio``: each row's FD over the FD of the first row's model at its most NFE — the
+  student/teacher@35-NFE ratio), plus a sample grid ``OUT/<model>_<steps>step.png`` per row.
 
 A stage that finished leaves ``OUT/<stage>/.done`` and is skipped when the pipeline runs again; an unfinished ``fit``
 stage resumes from its ``last.ckpt`` (``--ckpt_path last``). Relative recipe paths resolve against the current folder,
@@ -199,9 +200,25 @@ class Runner:
                     pictures = model.sample(64, steps=steps, seed=0)
                 kind = model.data_info["kind"]
                 save_png(samples_picture(pictures, kind), self.out / f"{row['model']}_{rows[-1]['steps']}step.png")
+        note = add_fd_ratio(rows, spec["rows"][0]["model"])
         table = format_table(rows)
         mode = "tiny (--tiny: a smoke test, numbers are not meaningful)" if self.tiny else "full"
         text = f"# {self.pipeline.name} pipeline results\n\nMode: {mode}. Reference: {self.ref_shards(spec['ref'])}, "
-        text += f"{n} generated samples per row.\n\n{table}\n"
+        text += f"{n} generated samples per row.{note}\n\n{table}\n"
         (self.out / "results.md").write_text(text)
         self.log(table)
+
+
+def add_fd_ratio(rows: list[dict[str, Any]], reference_model: str) -> str:
+    """Add ``fd_ratio`` = FD / FD of ``reference_model`` at its largest NFE to every row with an FD; returns a
+    sentence naming the reference (empty when there is none)."""
+    refs = [r for r in rows if r.get("model") == reference_model and isinstance(r.get("fd"), (int, float))]
+    if not refs:
+        return ""
+    ref = max(refs, key=lambda r: r.get("nfe", 0))
+    if not ref["fd"] > 0:
+        return ""
+    for row in rows:
+        if isinstance(row.get("fd"), (int, float)):
+            row["fd_ratio"] = row["fd"] / ref["fd"]
+    return f" fd_ratio: FD over the FD of {reference_model} at {ref.get('nfe')} NFE."

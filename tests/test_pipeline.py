@@ -74,6 +74,22 @@ def test_quickstart_tiny_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     for model in ("teacher", "tract", "cd", "fdistill_js"):
         assert f"| {model} |" in results, model
     assert "| fd " in results or "| fd |" in results
+    assert "fd_ratio" in results and "FD of teacher at 35 NFE" in results
     assert {p.name for p in out.glob("*.png")} >= {"teacher_1step.png", "tract_1step.png", "fdistill_js_1step.png"}
     assert "| cd | consistency | consistency | 2 |" in results
     assert (out / "teacher" / "tb").is_dir()
+
+
+def test_fd_ratio_is_relative_to_the_reference_models_most_nfe() -> None:
+    from lit_gen.pipeline import add_fd_ratio
+
+    rows = [
+        {"model": "teacher", "nfe": 1, "fd": 300.0},
+        {"model": "teacher", "nfe": 35, "fd": 6.0},
+        {"model": "student", "nfe": 1, "fd": 9.0},
+        {"model": "points", "nfe": 1, "mode_tv": 0.1},
+    ]
+    note = add_fd_ratio(rows, "teacher")
+    assert [r.get("fd_ratio") for r in rows] == [50.0, 1.0, 1.5, None]
+    assert "teacher at 35 NFE" in note
+    assert add_fd_ratio([{"model": "x", "nfe": 1, "mode_tv": 0.1}], "x") == ""
