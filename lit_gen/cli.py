@@ -19,6 +19,7 @@ import pickle
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,23 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
             if instantiate:
                 super().instantiate_classes()
 
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads a --ckpt_path file for its hyperparameters right after parsing: check it first.
+            if self.config.get("subcommand"):
+                check_resume_checkpoint(None, self.config[self.config.subcommand].get("ckpt_path"))
+            super()._parse_ckpt_path()
+
         def before_fit(self) -> None:
             # A global batch that does not divide across devices fails here, before any process is launched.
             resolve = getattr(self.datamodule, "resolve_batch_size", None)
             if resolve is not None:
                 resolve(self.trainer.world_size, self.trainer.accumulate_grad_batches)
+            check_resume_checkpoint(self.trainer, self.config[self.config.subcommand].get("ckpt_path"))
+
+        def before_validate(self) -> None:
+            check_resume_checkpoint(self.trainer, self.config[self.config.subcommand].get("ckpt_path"))
+
+        before_test = before_validate
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return LitGenCLI(
@@ -93,6 +106,42 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
         args=args,
         run=run,
     )
+
+
+def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> None:
+    """Refuse an unreadable ``--ckpt_path`` file with one line before Lightning loads it (whose own load would end
+    in a traceback from deep inside torch's unpickler on damaged bytes); ``trainer`` None: before the trainer exists.
+    ``last`` is resolved as Lightning does: the newest ``last*.ckpt`` of the checkpoint callbacks. Folders (DeepSpeed
+    checkpoints) are checked by ``lit_gen_deepspeed``. The load is memory-mapped: its tensors are not read."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_gen.errors import load_torch_file
+
+    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
+        return
+    if ckpt_path == "last":
+        if trainer is None:
+            return  # resolved once the trainer (and its checkpoint callbacks) exist
+        found = [
+            path
+            for callback in trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir()
+            for path in Path(callback.dirpath).glob("last*.ckpt")
+        ]
+        if not found:
+            return  # Lightning warns and starts from scratch: what a first launch of a requeue-safe job wants
+        path = max(found, key=lambda p: p.stat().st_mtime)
+    else:
+        path = Path(ckpt_path)
+        if not path.exists():
+            raise LitGenError(f"--ckpt_path {path} does not exist")
+    if path.is_dir():
+        return
+    if not zipfile.is_zipfile(path):  # what torch.save (and so Lightning) writes; mmap needs it
+        raise LitGenError(f"cannot read checkpoint {path}: not a torch checkpoint archive (truncated or another file?)")
+    checkpoint = load_torch_file(path, f"checkpoint {path}", mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise LitGenError(f"{path} is not a Lightning checkpoint (no state_dict)")
 
 
 _NOISE = ("Given value", "Subtypes:", "Errors:", "Does not validate against any", "Expected a <class 'NoneType'>")

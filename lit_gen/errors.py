@@ -36,3 +36,87 @@ def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message (its type name when the message is empty)."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _torch_reason(err: BaseException) -> str:
+    """The specific line of torch's multi-line weights-only error (its boilerplate paragraphs dropped)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+    return (specific[0] if specific else first_line(err))[:200]
+
+
+def _pickled_imports(source) -> list[str]:  # type: ignore[no-untyped-def]
+    """The ``module.name`` globals a pickle (plain, or a torch zip's ``data.pkl``) would import; never unpickles.
+
+    Walks the opcodes with :mod:`pickletools` (a disassembler, it executes nothing). Empty when the bytes are not a
+    complete pickle, so random or truncated bytes are reported as unreadable rather than as hostile.
+    """
+    import io
+    import pickletools
+    import zipfile
+
+    try:
+        if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+            with open(source, "rb") as handle:
+                data = handle.read()
+        else:
+            source.seek(0)
+            data = source.read()
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        imports: list[str] = []
+        strings: list[str] = []
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if opcode.name in ("GLOBAL", "INST"):
+                imports.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                imports.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return imports
+    except Exception:  # noqa: BLE001 - not a complete pickle: nothing to name
+        return []
+
+
+def _global_name(entry) -> str:  # type: ignore[no-untyped-def]
+    """``module.name`` of an entry of ``torch.serialization.get_safe_globals()`` (an object or (object, name))."""
+    if isinstance(entry, tuple):
+        return str(entry[1])
+    return f"{getattr(entry, '__module__', '')}.{getattr(entry, '__qualname__', '')}"
+
+
+_PLAIN_SAFE_GLOBALS = frozenset({"collections.OrderedDict", "builtins.set", "builtins.frozenset", "_codecs.encode"})
+
+
+def load_torch_file(source, what: str, **kwargs):  # type: ignore[no-untyped-def]
+    """``torch.load(source, weights_only=True, **kwargs)`` with every failure turned into one LitGenError line.
+
+    ``what`` names the file in the message ("checkpoint runs/x/last.ckpt"). Random or damaged bytes make torch's
+    weights-only unpickler fail in many ways (IndexError, KeyError, UnicodeDecodeError, UnpicklingError, ...), so
+    any ``Exception`` counts as unreadable; a pickle that would import code (a global outside torch's allow-list,
+    seen by torch or by disassembling the opcodes) is refused and named as such.
+    """
+    import torch
+
+    kwargs["weights_only"] = True
+    kwargs.setdefault("map_location", "cpu")
+    try:
+        return torch.load(source, **kwargs)
+    except Exception as err:  # noqa: BLE001 - see the docstring: damaged bytes fail in arbitrary ways
+        reason = _torch_reason(err)
+        allowed = _PLAIN_SAFE_GLOBALS | {_global_name(g) for g in torch.serialization.get_safe_globals()}
+        imports = _pickled_imports(source)
+        foreign = [name for name in imports if name not in allowed and not name.startswith("torch.")]
+        if "GLOBAL" in reason or foreign:
+            named = f"imports {foreign[0]}" if foreign else reason
+            raise LitGenError(
+                f"refusing to load {what}: it holds objects that would run code when unpickled ({named})"
+            ) from None
+        raise LitGenError(
+            f"cannot read {what} (truncated or not a torch file?): {type(err).__name__}: {reason}"
+        ) from None

@@ -13,8 +13,6 @@ Network and parameterisation classes are rebuilt by ``lit_gen.spec.build``, whic
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from torch import nn
 
 from lit_gen.data.info import denormalize
 from lit_gen.diffusion import SAMPLERS, AutoGuidanceDenoiser, CFGDenoiser, sample, schedule_from_grid
-from lit_gen.errors import LitGenError, first_line
+from lit_gen.errors import LitGenError, load_torch_file
 from lit_gen.spec import build
 
 NET_PREFIX = "net."
@@ -46,15 +44,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         return read_deepspeed_checkpoint(path)
     if not path.is_file():
         raise LitGenError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise LitGenError(
-            f"refusing to load {path}: it holds objects that would run code when unpickled ({first_line(err)})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        reason = first_line(err)
-        raise LitGenError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {reason}") from None
+    checkpoint = load_torch_file(path, f"checkpoint {path}")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise LitGenError(f"{path} is not a Lightning checkpoint (no state_dict)")
     if "lit_gen" not in checkpoint:

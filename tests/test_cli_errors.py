@@ -50,9 +50,26 @@ def test_missing_shards(tmp_path: Path) -> None:
     assert "nowhere" in line and "does not exist" in line
 
 
+def test_random_bytes_are_never_a_traceback(tmp_path: Path) -> None:
+    """Random bytes make torch's weights-only unpickler fail as IndexError, KeyError, UnicodeDecodeError, ...
+    (a CI run once drew an IndexError): every one must come back as a LitGenError naming the file."""
+    import random
+
+    from lit_gen.errors import LitGenError
+    from lit_gen.export import read_checkpoint
+
+    garbage = tmp_path / "garbage.ckpt"
+    for seed in range(300):
+        rng = random.Random(seed)
+        garbage.write_bytes(rng.randbytes(rng.choice([1, 7, 100, 2000])))
+        with pytest.raises(LitGenError, match="garbage.ckpt") as info:
+            read_checkpoint(garbage)
+        assert "\n" not in str(info.value)
+
+
 def test_unreadable_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.ckpt"
-    garbage.write_bytes(os.urandom(2000))
+    garbage.write_bytes(bytes(range(256)) * 8)
     err = _error_line(capsys, "sample", "--ckpt", garbage, "--out", tmp_path / "x.png")
     assert err.startswith("lit-gen: error:") and "garbage.ckpt" in err and len(err.strip().splitlines()) == 1
     err = _error_line(capsys, "sample", "--ckpt", tmp_path / "missing.ckpt", "--out", tmp_path / "x.png")

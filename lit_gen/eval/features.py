@@ -17,14 +17,13 @@ from __future__ import annotations
 import io
 import math
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lit_gen.errors import LitGenError, first_line
+from lit_gen.errors import LitGenError, first_line, load_torch_file
 from lit_gen.eval.digits_classifier import cache_dir, load_digits_classifier
 
 INCEPTION_ENV = "LIT_GEN_INCEPTION_WEIGHTS"
@@ -90,14 +89,9 @@ def _read_weights(path: Path) -> bytes:
     """The file's bytes, after checking that they unpickle with ``weights_only=True`` into a state dict."""
     try:
         data = path.read_bytes()
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise LitGenError(
-            f"refusing to load {path}: it is not a torch file of plain tensors (it may hold objects that would run "
-            f"code when unpickled) ({first_line(err)})"
-        ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
+    except OSError as err:
         raise LitGenError(f"cannot read the Inception weights {path}: {first_line(err)}") from None
+    state = load_torch_file(io.BytesIO(data), f"the Inception weights {path}")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LitGenError(f"{path} is not a state dict of tensors (expected the FID Inception-v3 weights)")
     return data

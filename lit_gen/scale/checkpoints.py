@@ -94,8 +94,10 @@ def read_deepspeed_checkpoint(path: str | Path) -> dict[str, Any]:
         raise LitGenError(
             f"refusing to load {path}: it holds objects that would run code when unpickled ({first_line(err)})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AssertionError) as err:
-        raise LitGenError(f"cannot read DeepSpeed checkpoint {path}: {first_line(err)}") from None
+    except LitGenError:
+        raise
+    except Exception as err:  # noqa: BLE001 - damaged files fail in arbitrary ways (see errors.load_torch_file)
+        raise LitGenError(f"cannot read DeepSpeed checkpoint {path}: {type(err).__name__}: {first_line(err)}") from None
     if "lit_gen" not in client:
         raise LitGenError(f"{path} was not written by lit_gen (no 'lit_gen' section in its client state)")
     module = client.pop("module", None) or {}

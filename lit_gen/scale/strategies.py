@@ -14,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from lit_gen.errors import LitGenError
+from lit_gen.errors import LitGenError, first_line, load_torch_file
 
 
 def written_world_size(path: str | Path) -> int | None:
@@ -29,7 +28,9 @@ def written_world_size(path: str | Path) -> int | None:
         return None
     states = _model_states(_tag_dir(path))
     with _weights_only_loads():
-        client = torch.load(states, map_location="cpu", mmap=True)
+        client = load_torch_file(states, f"DeepSpeed checkpoint {path}", mmap=True)
+    if not isinstance(client, dict):
+        raise LitGenError(f"{states} is not a DeepSpeed model-states file")
     size = client.get("dp_world_size")
     return int(size) if size is not None else None
 
@@ -50,5 +51,12 @@ class DeepSpeed(DeepSpeedStrategy):
                 "new run from its weights (lit-gen export --weights raw, then model.teacher / init from the file), "
                 "or convert it with DeepSpeed's ds_to_universal.py and load_universal_checkpoint"
             )
-        with _weights_only_loads():
-            return super().load_checkpoint(checkpoint_path, weights_only)
+        try:
+            with _weights_only_loads():
+                return super().load_checkpoint(checkpoint_path, weights_only)
+        except LitGenError:
+            raise
+        except Exception as err:  # noqa: BLE001 - damaged files fail in arbitrary ways (see errors.load_torch_file)
+            raise LitGenError(
+                f"cannot resume from DeepSpeed checkpoint {checkpoint_path}: {type(err).__name__}: {first_line(err)}"
+            ) from None

@@ -1,4 +1,5 @@
-"""Property-based fuzzing (hypothesis) of `lit-gen shards` inputs and of the shard reader (issue 9, item 8).
+"""Property-based fuzzing (hypothesis) of `lit-gen shards` inputs, the shard reader and the checkpoint readers
+(issue 9, item 8).
 
 Whatever the input — random arrays of any dtype and shape (empty axes, NaN, huge values), folders with empty
 sub-folders, junk files and broken images, shards with truncated, flipped or replaced bytes — the outcome is either
@@ -25,11 +26,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from lit_gen.cli import main
+from lit_gen.cli import check_resume_checkpoint, main
 from lit_gen.data.datamodule import ShardDataModule
 from lit_gen.data.info import read_info
 from lit_gen.data.shards import write_shards
 from lit_gen.errors import LitGenError
+from lit_gen.export import read_checkpoint
+from tests.conftest import fit_toy_teacher
 
 pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -259,3 +262,74 @@ def test_shard_reader_with_workers_survives_corruption(clean_shards: dict[str, P
     corrupt(tars[1], "junk_member", 0.3)
     batches = read_back(shards, batches=4, workers=2, max_skipped_fraction=1.0)
     assert len(batches) == 4 and all(list(b["x"].shape) == [4, 3, 6, 6] for b in batches)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint files
+@pytest.fixture(scope="module")
+def clean_checkpoint(tmp_path_factory: pytest.TempPathFactory, toy_shards: Path) -> Path:
+    root = tmp_path_factory.mktemp("fuzz_ckpt")
+    fit_toy_teacher(toy_shards, root, 2)
+    return root / "checkpoints" / "last.ckpt"
+
+
+CKPT_DAMAGE = st.lists(
+    st.tuples(st.sampled_from(["truncate", "flip", "zero", "random", "prefix"]), st.floats(0.0, 1.0), st.binary()),
+    min_size=1,
+    max_size=3,
+)
+
+
+def damage_bytes(data: bytes, how: str, where: float, junk: bytes) -> bytes:
+    at = int(where * max(len(data) - 1, 0))
+    if how == "truncate":
+        return data[:at]
+    if how == "flip":
+        return data[:at] + bytes(b ^ 0xFF for b in data[at : at + 64]) + data[at + 64 :]
+    if how == "zero":
+        return data[:at] + bytes(len(data[at : at + 512])) + data[at + 512 :]
+    if how == "prefix":
+        return junk + data
+    return junk  # the whole file replaced by random bytes
+
+
+@FUZZ
+@given(damage=CKPT_DAMAGE)
+def test_checkpoint_readers_survive_any_damage_or_say_why(clean_checkpoint: Path, damage) -> None:
+    """`lit-gen sample/export/eval` (read_checkpoint) and `lit-gen fit --ckpt_path` (check_resume_checkpoint) on a
+    damaged checkpoint: a complete checkpoint or one LitGenError line naming the file."""
+    data = clean_checkpoint.read_bytes()
+    for how, where, junk in damage:
+        data = damage_bytes(data, how, where, junk)
+    with workdir() as tmp, alarm(60):
+        path = tmp / "damaged.ckpt"
+        path.write_bytes(data)
+        for reader in (read_checkpoint, lambda p: check_resume_checkpoint(None, str(p))):
+            try:
+                checkpoint = reader(path)
+            except LitGenError as err:
+                assert "\n" not in str(err) and "damaged.ckpt" in str(err)
+                event("refused with a LitGenError")
+                continue
+            event("read")
+            if checkpoint is not None:
+                assert set(checkpoint["state_dict"]) == set(
+                    torch.load(clean_checkpoint, weights_only=True)["state_dict"]
+                )
+
+
+def test_fit_resume_from_a_damaged_checkpoint_is_one_line(
+    clean_checkpoint: Path, toy_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--ckpt_path FILE` and `--ckpt_path last` (the newest last*.ckpt) on damaged files: one line, no training."""
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "last.ckpt").write_bytes(clean_checkpoint.read_bytes()[:3000])
+    for ckpt_path, name in ((garbage, "garbage.ckpt"), ("last", "last.ckpt"), (tmp_path / "nowhere.ckpt", "nowhere")):
+        with pytest.raises(SystemExit) as info:
+            fit_toy_teacher(toy_shards, root, 4, "--ckpt_path", ckpt_path)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and name in err and err.count("lit-gen: error:") == 1
+    assert not (root / "tb").exists() or not list((root / "tb").rglob("events*"))
