@@ -1,7 +1,7 @@
 """Speed benchmarks (issue 8): lit_gen's training step vs a plain PyTorch loop, and teacher vs student sampling.
 
     python benchmarks/speed.py train  [--recipe recipes/digits/teacher.yaml] [--shards runs/digits_students/data/train]
-                                      [--steps 200] [--warmup 20] [--rounds 2]
+                                      [--steps 200] [--warmup 20] [--rounds 2] [--memory-data]
     python benchmarks/speed.py sample --teacher CKPT --student CKPT [--n 1000] [--rounds 3]
 
 train: the teacher recipe through `lit-gen fit` (in this process, everything a user gets: the shard stream, the
@@ -11,6 +11,9 @@ a plain PyTorch loop with the same network (built from the same recipe and seed)
 EMA of the weights, reading batches from an in-memory tensor. The time of each step is the wall time between the
 starts of consecutive steps (data, forward, backward, update, callbacks: all of it), after `--warmup` steps. Runs
 alternate lit_gen / plain `--rounds` times so that load changes hit both; the ratio is per round.
+`--memory-data` adds a third run per round: the same `lit-gen fit` with the shard stream replaced by `MemoryData`
+(the plain loop's in-memory batches), which splits lit_gen's extra time into the data stream and the rest (the
+Lightning loop, logging, lit_gen's callbacks).
 
 sample: wall time to draw N samples with the teacher at Heun 18 steps (35 NFE) and with a one-step student (1 NFE),
 alternated `--rounds` times; the ratio of medians.
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -44,6 +47,40 @@ class StepTimer(Callback):
 def step_stats(starts: list[float], warmup: int) -> tuple[float, float]:
     gaps = [b - a for a, b in zip(starts[warmup:], starts[warmup + 1 :], strict=False)]
     return statistics.median(gaps), statistics.fmean(gaps)
+
+
+class MemoryData(LightningDataModule):
+    """The plain loop's data for `lit-gen fit`: all training samples decoded into memory once, batches drawn by
+    random index (same arguments as ShardDataModule so a recipe's data section applies; only shards, batch_size,
+    seed and steps_per_epoch are used)."""
+
+    def __init__(self, shards: str, batch_size: int = 256, seed: int = 0, steps_per_epoch: int | None = None,
+                 **_: object) -> None:  # fmt: skip
+        super().__init__()
+        from lit_gen.data.datamodule import ShardDataModule
+
+        reader = ShardDataModule(shards, batch_size=1 << 20, steps_per_epoch=1, shuffle_buffer=0)
+        batch = next(iter(reader.train_dataloader()))
+        self.x_all, self.y_all = batch["x"], batch.get("label")
+        self.batch_size, self.steps = batch_size, steps_per_epoch or max(1, len(self.x_all) // batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def train_dataloader(self):  # type: ignore[no-untyped-def]
+        module = self
+
+        class Batches:
+            def __len__(self) -> int:
+                return module.steps
+
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                for _ in range(module.steps):
+                    idx = torch.randint(0, module.x_all.shape[0], (module.batch_size,), generator=module.generator)
+                    out = {"x": module.x_all[idx]}
+                    if module.y_all is not None:
+                        out["label"] = module.y_all[idx]
+                    yield out
+
+        return Batches()
 
 
 def run_lit_gen(recipe: str, shards: str, steps: int, root: Path, extra: list[str] = ()) -> list[float]:
@@ -114,21 +151,27 @@ def run_plain(recipe: str, shards: str, steps: int) -> tuple[list[float], int]:
 
 def train(args: argparse.Namespace) -> None:
     rows = []
+    memory = ["--data=speed.MemoryData"]
     for r in range(args.rounds):
         root = Path(args.out) / f"round{r}"
         lit = run_lit_gen(args.recipe, args.shards, args.warmup + args.steps, root, args.fit_args)
+        mem = None
+        if args.memory_data:
+            mem = run_lit_gen(args.recipe, args.shards, args.warmup + args.steps, root / "memory", memory)
         plain, batch = run_plain(args.recipe, args.shards, args.warmup + args.steps)
         (lm, la), (pm, pa) = step_stats(lit, args.warmup), step_stats(plain, args.warmup)
-        rows.append((r, lm, la, pm, pa))
-        print(f"round {r}: lit_gen median {lm * 1e3:.1f} ms mean {la * 1e3:.1f} ms | plain median {pm * 1e3:.1f} ms "
-              f"mean {pa * 1e3:.1f} ms | ratio median {lm / pm:.3f} mean {la / pa:.3f}", flush=True)  # fmt: skip
+        mm, ma = step_stats(mem, args.warmup) if mem else (float("nan"), float("nan"))
+        rows.append((r, lm, la, mm, ma, pm, pa))
+        print(f"round {r}: lit_gen median {lm * 1e3:.1f} ms mean {la * 1e3:.1f} ms | in-memory lit_gen median "
+              f"{mm * 1e3:.1f} ms | plain median {pm * 1e3:.1f} ms mean {pa * 1e3:.1f} ms | ratio median "
+              f"{lm / pm:.3f} mean {la / pa:.3f}", flush=True)  # fmt: skip
     print(f"\n{machine()}\nrecipe {args.recipe}, batch {batch}, {args.steps} timed steps after {args.warmup}\n")
-    print("| round | lit_gen median ms/step | plain median ms/step | ratio (median) | lit_gen mean | plain mean | "
-          "ratio (mean) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r, lm, la, pm, pa in rows:
-        print(f"| {r} | {lm * 1e3:.1f} | {pm * 1e3:.1f} | {lm / pm:.3f} | {la * 1e3:.1f} | {pa * 1e3:.1f} | "
-              f"{la / pa:.3f} |")  # fmt: skip
+    print("| round | lit_gen median ms/step | lit_gen in-memory data median | plain median ms/step | ratio (median) | "
+          "ratio in-memory / plain (median) | lit_gen mean | plain mean | ratio (mean) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r, lm, la, mm, _ma, pm, pa in rows:
+        print(f"| {r} | {lm * 1e3:.1f} | {mm * 1e3:.1f} | {pm * 1e3:.1f} | {lm / pm:.3f} | {mm / pm:.3f} | "
+              f"{la * 1e3:.1f} | {pa * 1e3:.1f} | {la / pa:.3f} |")  # fmt: skip
 
 
 def sample(args: argparse.Namespace) -> None:
@@ -170,6 +213,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--memory-data", action="store_true", help="also time lit-gen fit on in-memory batches")
     p.add_argument("--out", default="runs/bench/speed")
     p.add_argument("fit_args", nargs="*", help="more `lit-gen fit` arguments for the lit_gen run (after --)")
     p = sub.add_parser("sample")

@@ -156,3 +156,13 @@ def test_vp_teacher_gets_the_vp_variant(tmp_path: Path) -> None:
     assert 0 < int(one_step.sum()) < 256
     assert float(loss[one_step].abs().max()) < 1e-6
     assert bool(torch.all(loss[~one_step] > 1e-8)) and bool(torch.isfinite(loss).all())
+
+
+def test_data_seed_other_than_the_models_seed_is_accepted(toy_shards: Path, teacher_ckpt: Path, tmp_path: Path) -> None:
+    """TRACT's `model.seed` and `data.seed` are independent knobs; Lightning's hparams merge for the logger used to
+    refuse differing values with a traceback."""
+    ckpt = fit_tract(toy_shards, teacher_ckpt, tmp_path / "run", 2, "--data.init_args.seed", 3,
+                     "--trainer.logger", "true")  # fmt: skip
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["datamodule_hyper_parameters"]["seed"] == 3
+    assert checkpoint["hyper_parameters"]["seed"] == 0

@@ -199,7 +199,10 @@ class ShardDataModule(L.LightningDataModule):
         cache_mb: float = 0.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Kept in checkpoints but not merged into the logger's hparams: Lightning refuses to log a key that the model
+        # also has with another value (`seed` of TRACT/CD vs `data.seed`) with a traceback; the full configuration
+        # is in the run's config.yaml (LightningCLI's SaveConfigCallback) anyway.
+        self.save_hyperparameters(logger=False)
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise LitGenError(f"batch sizes must be at least 1, got {batch_size} and {val_batch_size}")
         if num_workers < 0:
