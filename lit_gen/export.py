@@ -161,12 +161,14 @@ class LoadedModel:
         ``raw=True`` returns the model-space tensor instead. The same seed gives the same samples.
         """
         defaults = self.description.get("sampling", {})
-        steps = int(steps or defaults.get("steps", 18))
+        steps = int(defaults.get("steps", 18) if steps is None else steps)  # 0 is refused below, not a default
         sampler = sampler or defaults.get("sampler", "heun")
         if sampler not in SAMPLERS:
             raise LitGenError(f"unknown sampler {sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
         if steps < 1:
             raise LitGenError(f"--steps must be at least 1, got {steps}")
+        if n < 1:
+            raise LitGenError(f"--n must be at least 1, got {n}")
         if label is not None and not 0 <= label < max(self.num_classes, 1):
             raise LitGenError(f"--label {label} is out of range for a model with {self.num_classes} classes")
         self.net.to(device).eval()

@@ -112,3 +112,14 @@ def test_resuming_from_a_pickle_that_runs_code_is_refused(tmp_path: Path) -> Non
     line = _run_entry_point("fit", "-c", REPO / "recipes/toy2d/teacher.yaml", "--ckpt_path", evil)
     assert "refusing" in line
     assert not marker.exists()
+
+
+def test_sample_refuses_zero_samples_or_steps(capsys: pytest.CaptureFixture[str], toy_teacher_run: Path,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    ckpt = toy_teacher_run / "checkpoints" / "last.ckpt"
+    assert "--n must be at least 1, got 0" in _error_line(capsys, "sample", "--ckpt", ckpt, "--n", 0, "--out",
+                                                             tmp_path / "x.npy")  # fmt: skip
+    # --steps 0 used to fall back to the model's default step count silently (0 is falsy).
+    assert "--steps must be at least 1, got 0" in _error_line(capsys, "sample", "--ckpt", ckpt, "--steps", 0, "--out",
+                                                                 tmp_path / "x.npy")  # fmt: skip
+    assert not (tmp_path / "x.npy").exists()
