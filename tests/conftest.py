@@ -11,6 +11,21 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs() -> None:
+    """Every test starts from the same global RNG states (torch, numpy, random), so a test draws the same numbers
+    whether it runs in the whole suite, in `-m "not slow"` or alone (numpy and random would otherwise start from OS
+    entropy, and torch from wherever the previous test left it)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 def run_cli(*args: str) -> None:
     """Run `lit-gen ARGS` in-process (raises SystemExit on a CLI error)."""
     from lit_gen.cli import main
