@@ -186,12 +186,13 @@ def _cmd_shards(ns: argparse.Namespace) -> None:
 def _cmd_sample(ns: argparse.Namespace) -> None:
     import torch
 
-    from lit_gen.export import load_model
+    from lit_gen.export import load_model, usable_device
     from lit_gen.viz import samples_picture, save_png
 
     out = Path(ns.out)
     if out.suffix not in (".png", ".npy"):
         raise LitGenError(f"--out must end in .png or .npy, got {out}")
+    usable_device(ns.device)
     model = load_model(ns.ckpt, weights=ns.weights)
     start = time.time()
     samples = model.sample(

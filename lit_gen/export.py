@@ -210,6 +210,17 @@ class LoadedModel:
         return x if raw else denormalize(x, self.data_info)
 
 
+def usable_device(device: str) -> torch.device:
+    """``--device`` checked before any work: a name torch does not know, or a device this machine lacks (``cuda``
+    without a GPU), is one line instead of a traceback from deep inside torch."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LitGenError(f"--device {device} is not usable here: {reason[:200]}") from None
+    return torch.device(device)
+
+
 def load_model(path: str | Path, weights: str = "ema") -> LoadedModel:
     """Rebuild the denoiser from a ``.ckpt`` or exported ``.safetensors`` — the path is all it needs."""
     description, tensors = read_model_file(path, weights)
@@ -218,6 +229,15 @@ def load_model(path: str | Path, weights: str = "ema") -> LoadedModel:
         param = build(description["param"])
     except (KeyError, TypeError, ValueError) as err:
         raise LitGenError(f"{path}: cannot rebuild the model it describes: {err}") from None
+    expected = net.state_dict()
+    wrong = [(k, v.shape, expected[k].shape) for k, v in tensors.items() if k in expected]
+    wrong = [(k, have, want) for k, have, want in wrong if have != want]
+    if wrong:
+        key, have, want = wrong[0]
+        raise LitGenError(
+            f"{path}: weights do not match the described network ({len(wrong)} tensor(s) of another shape, e.g. "
+            f"{key}: {list(have)} in the file, {list(want)} in the network; written by another lit_gen version?)"
+        )
     missing, unexpected = net.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise LitGenError(

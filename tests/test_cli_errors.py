@@ -123,3 +123,30 @@ def test_sample_refuses_zero_samples_or_steps(capsys: pytest.CaptureFixture[str]
     assert "--steps must be at least 1, got 0" in _error_line(capsys, "sample", "--ckpt", ckpt, "--steps", 0, "--out",
                                                                  tmp_path / "x.npy")  # fmt: skip
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_unusable_device_is_one_line(capsys: pytest.CaptureFixture[str], toy_teacher_run: Path, tmp_path: Path) -> None:
+    ckpt = toy_teacher_run / "checkpoints" / "last.ckpt"
+    err = _error_line(capsys, "sample", "--ckpt", ckpt, "--device", "nosuchdevice", "--out", tmp_path / "x.npy")
+    assert "--device nosuchdevice is not usable here" in err and len(err.strip().splitlines()) == 1
+
+
+def test_weights_of_another_shape_are_one_line(capsys: pytest.CaptureFixture[str], toy_teacher_run: Path,
+                                               tmp_path: Path) -> None:  # fmt: skip
+    """A file whose tensors do not fit the network it describes (e.g. written by another lit_gen version): one line
+    naming the file, the tensor and both shapes — not torch's multi-line load_state_dict error."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    exported = tmp_path / "teacher.safetensors"
+    run_cli("export", "--ckpt", toy_teacher_run / "checkpoints" / "last.ckpt", "--out", exported)
+    with safe_open(str(exported), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no iterator
+    key = next(k for k, v in tensors.items() if v.ndim == 2)
+    tensors[key] = tensors[key][:, :-1].contiguous()
+    damaged = tmp_path / "other_version.safetensors"
+    save_file(tensors, str(damaged), metadata=metadata)
+    err = _error_line(capsys, "sample", "--ckpt", damaged, "--out", tmp_path / "x.npy")
+    assert "other_version.safetensors" in err and key in err and "another shape" in err
+    assert len(err.strip().splitlines()) == 1

@@ -67,6 +67,7 @@ def run(ns: argparse.Namespace) -> list[dict[str, Any]]:
     """The ``eval`` handler: evaluate, print, optionally write ``--out``; returns the rows."""
     from lit_gen.errors import LitGenError
     from lit_gen.eval.runner import Evaluator, format_table
+    from lit_gen.export import usable_device
 
     if ns.n is not None and ns.n < 4:
         raise LitGenError(f"--n must be at least 4, got {ns.n}")
@@ -74,6 +75,7 @@ def run(ns: argparse.Namespace) -> list[dict[str, Any]]:
         raise LitGenError(f"--steps must be at least 1, got {min(ns.steps)}")
     if ns.out is not None and Path(ns.out).suffix not in (".md", ".json", ".txt"):
         raise LitGenError(f"--out must end in .md, .txt or .json, got {ns.out}")
+    usable_device(ns.device)
     start = time.time()
     evaluator = Evaluator(
         ns.ref, ns.metric, n_ref=ns.n_ref, device=ns.device, inception_weights=ns.inception_weights, seed=ns.seed
