@@ -78,22 +78,24 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
                 super().instantiate_classes()
 
         def _parse_ckpt_path(self) -> None:
-            # LightningCLI reads a --ckpt_path file for its hyperparameters right after parsing: check it first.
+            # LightningCLI reads a --ckpt_path file for its hyperparameters right after parsing: check it first
+            # ("last" needs the trainer's checkpoint folders; it is checked in the before_* hooks below).
             if self.config.get("subcommand"):
                 check_resume_checkpoint(None, self.config[self.config.subcommand].get("ckpt_path"))
             super()._parse_ckpt_path()
+
+        def _check_last(self) -> None:
+            if self.config[self.config.subcommand].get("ckpt_path") == "last":
+                check_resume_checkpoint(self.trainer, "last")
 
         def before_fit(self) -> None:
             # A global batch that does not divide across devices fails here, before any process is launched.
             resolve = getattr(self.datamodule, "resolve_batch_size", None)
             if resolve is not None:
                 resolve(self.trainer.world_size, self.trainer.accumulate_grad_batches)
-            check_resume_checkpoint(self.trainer, self.config[self.config.subcommand].get("ckpt_path"))
+            self._check_last()
 
-        def before_validate(self) -> None:
-            check_resume_checkpoint(self.trainer, self.config[self.config.subcommand].get("ckpt_path"))
-
-        before_test = before_validate
+        before_validate = before_test = _check_last
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return LitGenCLI(

@@ -58,20 +58,21 @@ def _pickled_imports(source) -> list[str]:  # type: ignore[no-untyped-def]
     import pickletools
     import zipfile
 
+    opened = None
     try:
         if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-            with open(source, "rb") as handle:
-                data = handle.read()
+            source = opened = open(source, "rb")  # noqa: SIM115 - closed in finally
+        source.seek(0)
+        if zipfile.is_zipfile(source):
+            archive = zipfile.ZipFile(source)
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            stream = archive.open(name) if name else io.BytesIO()
         else:
             source.seek(0)
-            data = source.read()
-        if zipfile.is_zipfile(io.BytesIO(data)):
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-                data = archive.read(name) if name else b""
+            stream = source
         imports: list[str] = []
         strings: list[str] = []
-        for opcode, arg, _ in pickletools.genops(io.BytesIO(data)):
+        for opcode, arg, _ in pickletools.genops(stream):
             if opcode.name in ("GLOBAL", "INST"):
                 imports.append(str(arg).replace(" ", "."))
             elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
@@ -81,6 +82,9 @@ def _pickled_imports(source) -> list[str]:  # type: ignore[no-untyped-def]
         return imports
     except Exception:  # noqa: BLE001 - not a complete pickle: nothing to name
         return []
+    finally:
+        if opened is not None:
+            opened.close()
 
 
 def _global_name(entry) -> str:  # type: ignore[no-untyped-def]
@@ -106,7 +110,9 @@ def load_torch_file(source, what: str, **kwargs):  # type: ignore[no-untyped-def
     kwargs["weights_only"] = True
     kwargs.setdefault("map_location", "cpu")
     try:
-        return torch.load(source, **kwargs)
+        # torch.serialization.load is torch.load; called by this name so that it is the original even while
+        # scale.checkpoints routes DeepSpeed's own `torch.load` calls through here.
+        return torch.serialization.load(source, **kwargs)
     except Exception as err:  # noqa: BLE001 - see the docstring: damaged bytes fail in arbitrary ways
         reason = _torch_reason(err)
         allowed = _PLAIN_SAFE_GLOBALS | {_global_name(g) for g in torch.serialization.get_safe_globals()}

@@ -7,6 +7,8 @@ is a subprocess of `lit-gen`.
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_gen.errors import LitGenError
 from lit_gen.export import export, load_model, read_checkpoint, read_model_file
 from lit_gen.methods.distill import DistillationMethod
 from tests.conftest import REPO
@@ -68,6 +71,29 @@ def test_deepspeed_cpu_fit_resume_export_teacher(toy_shards: Path, tmp_path: Pat
         student = DistillationMethod(teacher=str(teacher))
         for k, v in student.net.state_dict().items():
             assert torch.equal(v, ema[k]), k
+
+    # A damaged or hostile model-states file in a copy of the folder: one line naming the file, nothing executed.
+    states = next((last / "checkpoint").glob("*model_states.pt")).relative_to(last)
+    for name, payload, expected in (
+        ("damaged", bytes(range(256)) * 8, "cannot read DeepSpeed checkpoint file"),
+        ("hostile", pickle.dumps(_Exploit(tmp_path / "pwned")), "refusing to load DeepSpeed checkpoint file"),
+    ):
+        copy = tmp_path / name / "last.ckpt"
+        shutil.copytree(last, copy)
+        (copy / states).write_bytes(payload)
+        with pytest.raises(LitGenError) as info:
+            read_checkpoint(copy)
+        message = str(info.value)
+        assert expected in message and str(copy / states) in message and "\n" not in message, message
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
 
 
 def free_port() -> int:

@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lit_gen.errors import LitGenError, first_line
+from lit_gen.errors import LitGenError, first_line, load_torch_file
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -63,13 +62,15 @@ def _allowed_globals() -> list[Any]:
 
 @contextlib.contextmanager
 def _weights_only_loads() -> Iterator[None]:
-    """Every ``torch.load`` inside runs with ``weights_only=True`` (DeepSpeed's own calls included)."""
+    """Every ``torch.load`` inside (DeepSpeed's own calls included) goes through ``errors.load_torch_file``:
+    ``weights_only=True``, and a damaged or hostile file is one LitGenError line naming it."""
     original = torch.load
 
     @functools.wraps(original)
-    def safe_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
+    def safe_load(f: Any, map_location: Any = None, *_pickle_module: Any, **kwargs: Any) -> Any:
+        if map_location is not None:
+            kwargs["map_location"] = map_location
+        return load_torch_file(f, f"DeepSpeed checkpoint file {f}", **kwargs)
 
     torch.load = safe_load  # type: ignore[assignment]
     try:
@@ -85,15 +86,11 @@ def read_deepspeed_checkpoint(path: str | Path) -> dict[str, Any]:
     tag_dir = _tag_dir(path)
     try:
         with _weights_only_loads():
-            client = torch.load(_model_states(tag_dir), map_location="cpu")
+            client = torch.load(_model_states(tag_dir), map_location="cpu")  # load_torch_file, see above
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its progress
                 fp32 = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag_dir.name)
-    except pickle.UnpicklingError as err:
-        raise LitGenError(
-            f"refusing to load {path}: it holds objects that would run code when unpickled ({first_line(err)})"
-        ) from None
     except LitGenError:
         raise
     except Exception as err:  # noqa: BLE001 - damaged files fail in arbitrary ways (see errors.load_torch_file)
