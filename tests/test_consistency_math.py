@@ -114,6 +114,16 @@ def test_ict_curriculum_doubles_from_11_to_1281() -> None:
         ict_num_scales(0, 0)
 
 
+def test_ict_curriculum_has_no_floor_on_the_log2() -> None:
+    # iCT Sec. 3.4: K' = floor(K / (log2 floor(s1/s0) + 1)); s1/s0 = 100 is not a power of two (log2 = 6.64).
+    total, s0, s1 = 12345, 10, 1000
+    k_prime = math.floor(total / (math.log2(100) + 1))
+    assert k_prime == 1615
+    assert ict_num_scales(k_prime - 1, total, s0, s1) == 11 and ict_num_scales(k_prime, total, s0, s1) == 21
+    last_stage = [k for k in range(total) if ict_num_scales(k, total, s0, s1) == s1 + 1]
+    assert len(last_stage) == total - 7 * k_prime == 1040  # a floored log2 (K' = 1763) would leave 4 steps
+
+
 def test_ict_sigma_probabilities_are_the_discretised_lognormal() -> None:
     grid = consistency_grid(641)
     p = ict_sigma_probs(grid, -1.1, 2.0)

@@ -9,7 +9,7 @@ Models", iCT); ALGORITHMS.md §4. Pure math: no Lightning, the networks are argu
   it, its ``denoise`` is f.
 - ``consistency_grid``: the N boundaries σ_min = σ_0 < … < σ_{N−1} = σ_max (CM eq. 5's Karras discretisation).
 - ``ict_num_scales`` / ``ict_sigma_probs`` / ``ict_loss_weight``: iCT's doubling curriculum N(k), discretised
-  log-normal choice of the interval and λ(σ_i) = 1/(σ_{i+1} − σ_i) (iCT Sec. 3.3-3.5).
+  log-normal choice of the interval and λ(σ_i) = 1/(σ_{i+1} − σ_i) (iCT Sec. 3.1, 3.4, 3.5).
 - ``DISTANCES``: the metric d(·, ·) table (L2, L1, pseudo-Huber, LPIPS when its weights are on disk).
 - ``ode_step``: one probability-flow ODE step of a teacher denoiser (Euler or Heun, EDM Alg. 1), the x̂^φ of CD.
 - ``sample_consistency``: multistep consistency sampling (CM Alg. 1), the ``"consistency"`` sampler of
@@ -108,10 +108,12 @@ def consistency_grid(
 
 def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """iCT's doubling curriculum (iCT eq. 8 / Sec. 3.4): N(k) = min(s0 · 2^⌊k/K'⌋, s1) + 1 with
-    K' = ⌊K / (⌊log2⌊s1/s0⌋⌋ + 1)⌋. For s0 = 10, s1 = 1280: 11, 21, 41, …, 1281, each for K/8 steps."""
+    K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋ (no floor on the log2: for s1/s0 not a power of two the stages are shorter, e.g.
+    K = 12345, s0 = 10, s1 = 1000 gives K' = 1615 and N = 1001 for the last 1040 steps). For s0 = 10, s1 = 1280:
+    11, 21, 41, …, 1281, each for K/8 steps."""
     if total_steps < 1 or s0 < 1 or s1 < s0:
         raise LitGenError(f"iCT curriculum needs total_steps >= 1 and 1 <= s0 <= s1, got {total_steps}, {s0}, {s1}")
-    k_prime = max(1, total_steps // (int(math.log2(s1 // s0)) + 1))
+    k_prime = max(1, math.floor(total_steps / (math.log2(s1 // s0) + 1)))
     return min(s0 * 2 ** (step // k_prime), s1) + 1
 
 
@@ -126,7 +128,7 @@ def ict_sigma_probs(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0) ->
 
 
 def ict_loss_weight(sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    """λ(σ_i) = 1 / (σ_{i+1} − σ_i) (iCT Sec. 3.3): larger weight on the short intervals near the data."""
+    """λ(σ_i) = 1 / (σ_{i+1} − σ_i) (iCT Sec. 3.1): larger weight on the short intervals near the data."""
     return 1.0 / (sigma_next - sigma)
 
 
