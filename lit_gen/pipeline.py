@@ -7,9 +7,11 @@ A pipeline recipe (``recipes/pipelines/*.yaml``) lists stages; each stage is one
 - ``fit``: ``{recipe, data, teacher, args, tiny}`` -> ``lit-gen fit -c recipe`` into ``OUT/<stage>/``, on the shards of
   stage ``data``, distilling the last checkpoint of stage ``teacher`` (if given); ``args`` are ``--key value``
   overrides, ``tiny`` replaces/extends them in ``--tiny`` mode;
-- ``eval``: ``{ref, n, tiny_n, rows: [{model: STAGE, steps: [...], guidance}]}`` -> one metrics table, written to
+- ``eval``: ``{ref, n, tiny_n, floor, rows: [{model: STAGE, steps: [...], guidance}]}`` -> one metrics table, written to
   ``OUT/results.md`` (with ``fd_ratio``: each row's FD over the FD of the first row's model at its most NFE — the
-  student/teacher@35-NFE ratio), plus a sample grid ``OUT/<model>_<steps>step.png`` per row.
+  student/teacher@35-NFE ratio), plus a sample grid ``OUT/<model>_<steps>step.png`` per row. When the ``ref`` stage
+  has a validation split, the table starts with the real-data floor (``floor: true``, the default): the training split
+  scored against the validation split like a model (row ``real train split``), so a saturated metric is visible.
 
 A stage that finished leaves ``OUT/<stage>/.done`` and is skipped when the pipeline runs again; an unfinished ``fit``
 stage resumes from its ``last.ckpt`` (``--ckpt_path last``). Relative recipe paths resolve against the current folder,
@@ -35,7 +37,7 @@ STAGE_KINDS = {"shards", "fit", "eval"}
 KEYS = {
     "shards": {"source", "val_fraction", "seed", "shard_size"},
     "fit": {"recipe", "data", "teacher", "args", "tiny"},
-    "eval": {"ref", "n", "tiny_n", "rows", "metrics", "seed"},
+    "eval": {"ref", "n", "tiny_n", "rows", "metrics", "seed", "floor"},
 }
 
 
@@ -185,6 +187,10 @@ class Runner:
         n = int(spec.get("tiny_n" if self.tiny else "n", spec.get("n", 1000)))
         evaluator = Evaluator(self.ref_shards(spec["ref"]), spec.get("metrics"), seed=int(spec.get("seed", 0)))
         rows = []
+        train, ref = self.train_shards(spec["ref"]), self.ref_shards(spec["ref"])
+        if spec.get("floor", True) and train != ref:
+            self.log(f"    real-data floor: {n} training samples against {ref} ...")
+            rows.append(evaluator.score_real(train, n))
         for row in spec["rows"]:
             model = load_model(self.last_checkpoint(row["model"]))
             for steps in row.get("steps") or [None]:

@@ -75,7 +75,8 @@ def test_fake_equal_to_teacher_gives_zero_dm_gradient(teacher_ckpt: Path, diverg
 def test_gan_term_reaches_generator_not_head_and_critics_see_detached_samples(teacher_ckpt: Path) -> None:
     torch.manual_seed(0)
     method = FDistill(teacher=str(teacher_ckpt), divergence="js", gan_weight=1.0)
-    torch.nn.init.normal_(method.disc.out.weight)  # a non-trivial head
+    for head in method.disc.heads:  # a non-trivial head
+        torch.nn.init.normal_(head.out.weight)
     x0 = method.generate(torch.randn(128, 2), None)
     method.loss_generator(x0, None)["loss"].backward()
     assert any(torch.count_nonzero(p.grad) > 0 for p in method.net.parameters())

@@ -28,7 +28,13 @@ from lit_gen.data.builtin import mixture_metrics
 from lit_gen.diffusion import SAMPLERS
 from lit_gen.errors import LitGenError
 from lit_gen.eval.features import default_features, feature_network
-from lit_gen.eval.metrics import FrechetDistance, PrecisionRecall, inception_score, mixture_of
+from lit_gen.eval.metrics import (
+    ClassifierTwoSampleTest,
+    FrechetDistance,
+    PrecisionRecall,
+    inception_score,
+    mixture_of,
+)
 from lit_gen.eval.reference import read_reference
 from lit_gen.export import LoadedModel, load_model
 
@@ -73,6 +79,12 @@ METRICS: dict[str, MetricSpec] = {
     "is": MetricSpec(
         "Inception score with the data's classifier (digits classifier or Inception-v3)", "default", ("is",)
     ),
+    "c2st": MetricSpec(
+        "classifier two-sample test: cross-validated held-out accuracy of a small classifier (pixel CNN / point MLP) "
+        "telling real from generated samples; 0.5 = indistinguishable",
+        None,
+        ("c2st",),
+    ),
 }
 
 
@@ -80,8 +92,10 @@ FD_METRICS = ("fd", "fd_raw", "fd_digits", "fid")
 
 
 def default_metrics(info: dict[str, Any]) -> list[str]:
-    """``fd``, plus ``mixture`` when the shards come from a built-in 2-D mixture."""
-    return ["fd", "mixture"] if mixture_of(info) is not None else ["fd"]
+    """``fd``, plus ``mixture`` when the shards come from a built-in 2-D mixture, plus ``c2st`` for images."""
+    if mixture_of(info) is not None:
+        return ["fd", "mixture"]
+    return ["fd", "c2st"] if info.get("kind") == "image" else ["fd"]
 
 
 def to_pixels(samples: torch.Tensor) -> torch.Tensor:
@@ -128,6 +142,7 @@ class Evaluator:
         self._inception_weights = inception_weights
         self._fd: dict[str, FrechetDistance] = {}
         self._pr: PrecisionRecall | None = None
+        self._c2st: ClassifierTwoSampleTest | None = None
         for name in self.metrics:
             space = self._space(name)
             if name in FD_METRICS:
@@ -137,6 +152,9 @@ class Evaluator:
                 self._pr = PrecisionRecall(self._network(space), device=self.device)
                 # k-NN radii cost O(N²): the first default_n() reference samples (the paper compares equal sizes).
                 self._pr.set_reference(self.reference[: self.default_n()])
+            elif name == "c2st":
+                self._c2st = ClassifierTwoSampleTest(seed=seed, device=self.device)
+                self._c2st.set_reference(self.reference)
             elif name == "is":
                 self._network(space, logits=True)  # fail now, not after sampling, when the classifier is unavailable
 
@@ -151,6 +169,8 @@ class Evaluator:
                 fd.to(device)
             if self._pr is not None:
                 self._pr.to(device)
+            if self._c2st is not None:
+                self._c2st.to(device)
         return self
 
     def _space(self, name: str) -> str | None:
@@ -197,12 +217,25 @@ class Evaluator:
                 out[name] = self._fd[name](x)
             elif name == "pr":
                 out.update(self._pr(x))
+            elif name == "c2st":
+                out["c2st"] = self._c2st(x)
             elif name == "is":
                 out["is"] = inception_score(self._network(self._space(name), logits=True), x, seed=self.seed)
             elif name == "mixture":
                 stats = mixture_metrics(x.numpy(), self.mixture)
                 out.update({key: float(stats[key]) for key in METRICS["mixture"].keys})
         return out
+
+    def score_real(self, shards: str | Path, n: int | None = None, name: str = "real train split") -> dict[str, Any]:
+        """The real-data floor: the first ``n`` samples of other real shards (e.g. the training split) scored like a
+        model's samples against the reference, as one row (``method`` "data"). A saturated metric shows here: a
+        model cannot be told from the data better than the data's own other split."""
+        n = n or self.default_n()
+        real, _, info = read_reference(shards, n)
+        self.check({"kind": info["kind"], "shape": info["shape"]}, str(shards))
+        row: dict[str, Any] = {"model": name, "method": "data", "sampler": "-", "steps": 0, "nfe": 0, "n": len(real)}
+        row.update(self.score(real.float()))
+        return row
 
     def evaluate(
         self,

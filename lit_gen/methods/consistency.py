@@ -99,6 +99,8 @@ class ConsistencyDistillation(DistillationMethod):
             (another one is an error), or ``EDM()`` without a teacher.
         guidance: classifier-free guidance scale of the teacher being distilled (CD only; 1 = unguided).
         init_from_teacher: start the student from the teacher's weights.
+        student_dropout: dropout of the student copied from the teacher; 0 = none (the
+            references' setting), null = the teacher's rate.
         optimizer: optimizer factory for the student (CM: RAdam 4e-4 on CIFAR-10).
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         decay_steps: linear learning-rate decay to 0 at this step (0 = constant).
@@ -129,6 +131,7 @@ class ConsistencyDistillation(DistillationMethod):
         param: EDM | None = None,
         guidance: float = 1.0,
         init_from_teacher: bool = True,
+        student_dropout: float | None = 0.0,
         optimizer: OptimizerCallable = torch.optim.RAdam,
         warmup_steps: int = 0,
         decay_steps: int = 0,
@@ -141,6 +144,7 @@ class ConsistencyDistillation(DistillationMethod):
                 param=param,
                 guidance=guidance,
                 init_from_teacher=init_from_teacher,
+                student_dropout=student_dropout,
                 optimizer=optimizer,
                 warmup_steps=warmup_steps,
                 decay_steps=decay_steps,

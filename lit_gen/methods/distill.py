@@ -6,7 +6,10 @@
 
 - The parameterisation defaults to the teacher's; a recipe that names another one is refused (a VP student of an
   EDM teacher would silently learn the wrong targets).
-- The student network defaults to the teacher's architecture, initialised from the teacher's weights.
+- The student network defaults to the teacher's architecture, initialised from the teacher's weights, with dropout
+  ``student_dropout`` (0 by default: ml-tract, progressive distillation "same as teacher but with 0 dropout",
+  consistency_models ``--dropout 0.0 --teacher_dropout 0.1`` and DMD2 all train students without dropout;
+  ALGORITHMS.md §7). Other trained copies of the teacher (f-distill's fake score) follow the same rule.
 - The teacher network is frozen (``requires_grad_(False)``, eval mode — no dropout), is not handed to the optimizer
   (``trainable_parameters`` is the student's), and lives in the state dict under ``teacher_net.`` so a checkpoint is
   self-contained (TRACT replaces it at phase changes; resuming needs the current one).
@@ -29,7 +32,7 @@ from lit_gen.diffusion import EDM, VP, guide
 from lit_gen.errors import LitGenError
 from lit_gen.export import LoadedModel, load_model
 from lit_gen.methods.base import GenerativeMethod
-from lit_gen.spec import describe
+from lit_gen.spec import build, describe
 
 
 def load_teacher(path: str | Path) -> LoadedModel:
@@ -49,6 +52,21 @@ def _without_dropout(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "init_args": {k: v for k, v in spec["init_args"].items() if k != "dropout"}}
 
 
+def trainable_copy(net: nn.Module, dropout: float | None) -> nn.Module:
+    """A trainable copy of ``net`` with the same weights and the dropout rate ``dropout`` (None = the same rate).
+
+    The copy is rebuilt from ``net``'s self-description with ``dropout`` replaced, so its checkpoints record the rate
+    it trains with; networks without a ``dropout`` argument are copied as they are.
+    """
+    spec = describe(net)
+    if dropout is None or "dropout" not in spec["init_args"] or spec["init_args"]["dropout"] == dropout:
+        copy_ = copy.deepcopy(net)
+    else:
+        copy_ = build({**spec, "init_args": {**spec["init_args"], "dropout": float(dropout)}})
+        copy_.load_state_dict(net.state_dict())
+    return copy_.requires_grad_(True).train()
+
+
 class DistillationMethod(GenerativeMethod):
     """Base for students distilled from a frozen teacher (TRACT/BTD, consistency distillation, f-distill).
 
@@ -59,6 +77,9 @@ class DistillationMethod(GenerativeMethod):
         guidance: classifier-free guidance scale of the teacher being distilled (1 = unguided).
         init_from_teacher: start the student from the teacher's weights (needs the same architecture; the dropout
             rate may differ).
+        student_dropout: dropout rate of the student when it is the teacher's architecture (and of any other
+            trained copy of the teacher, e.g. f-distill's fake score); 0 = none (the references' setting),
+            None = the teacher's rate. Ignored when ``net`` is given (its own rate holds).
         optimizer: optimizer factory for the student.
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         decay_steps: linear learning-rate decay to 0 at this step (0 = constant).
@@ -77,18 +98,22 @@ class DistillationMethod(GenerativeMethod):
         param: EDM | VP | None = None,
         guidance: float = 1.0,
         init_from_teacher: bool = True,
+        student_dropout: float | None = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
         decay_steps: int = 0,
     ) -> None:
+        if student_dropout is not None and not 0.0 <= student_dropout < 1.0:
+            raise LitGenError(f"student_dropout must be in [0, 1) or null, got {student_dropout}")
         loaded = load_teacher(teacher)
         if param is not None and describe(param) != describe(loaded.param):
             raise LitGenError(
                 f"the teacher {teacher} uses {describe(loaded.param)} but the recipe asks for {describe(param)}; "
                 "drop model.param to use the teacher's"
             )
-        student = net if net is not None else copy.deepcopy(loaded.net)
-        student.requires_grad_(True).train()  # the loaded teacher comes frozen; its copy is trained
+        self.student_dropout = student_dropout
+        # The loaded teacher comes frozen (eval, no grad); the student is trained.
+        student = net.requires_grad_(True).train() if net is not None else trainable_copy(loaded.net, student_dropout)
         if init_from_teacher:
             if _without_dropout(describe(student)) != _without_dropout(describe(loaded.net)):
                 raise LitGenError(

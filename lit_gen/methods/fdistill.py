@@ -5,9 +5,20 @@ reverse-KL case and DMD2's GAN head (Yin et al. 2024b) — ALGORITHMS.md §5.
 Networks (all started from the teacher's weights except the head):
 - generator G_θ(z) = D_θ(σ_max z; σ_max): the student denoiser evaluated once at the top noise level (``net``);
 - fake score D_φ (``fake_net``): denoising score matching on sg(G_θ(z)), so it tracks the student's density q;
-- discriminator head ℓ_ψ (``disc``) on the frozen teacher's features of noisy samples: logistic loss on noisy
-  real vs noisy generated samples, so ℓ → ln r with r = p_σ/q_σ (teacher over student density);
+  trained with dropout ``student_dropout`` (0 by default) and evaluated in eval mode inside the DM term, so that
+  fake = teacher gives exactly zero DM gradient (FastGen puts it in eval mode for the student update);
+- discriminator ℓ_ψ (``disc``): one position-aware head per feature level of the frozen teacher (or, DMD2's choice,
+  ``disc_features: fake_score``, of the trainable fake score) at noisy samples, logits summed; logistic loss on
+  noisy real vs noisy generated samples, so ℓ → ln r with r = p_σ/q_σ (teacher over student density);
+  optional R1 (exact gradient penalty) or approximate R1 (Lin et al. 2024);
 - frozen teacher D_T (``teacher_net``), optionally classifier-free guided.
+
+Noise levels: one distribution (``noise``: DMD2's uniform position on the Karras ramp in [t_min, t_max], or EDM's
+log-normal) is shared by the fake score's DSM loss, the DM loss and the discriminator (DMD2 / FastGen draw all three
+from one distribution; a fake score trained on other levels than the DM term reads it at is inaccurate exactly
+there). The GAN terms also get their own range (``gan_t_min``/``gan_t_max``, low σ by default, where real and
+generated samples differ most): a fraction ``gan_fraction`` of the discriminator's samples is drawn there, and the
+generator's GAN loss counts only the DM samples whose σ lies in it.
 
 Generator gradient (f-distill eq. 8 with DMD's normalisation, DMD2 code):
     x_σ = G_θ(z) + σ ε,   g = ĥ(r(x_σ)) · (D_φ(x_σ) − D_T(x_σ)) / mean|G_θ(z) − D_T(x_σ)|,
@@ -41,7 +52,8 @@ x = D_θ(σ_max z; σ_max). A module-owned EMA of the generator (``ema_halflife_
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -52,7 +64,7 @@ from torch import Tensor, nn
 
 from lit_gen.diffusion import EDM, VP, append_dims
 from lit_gen.errors import LitGenError
-from lit_gen.methods.distill import DistillationMethod
+from lit_gen.methods.distill import DistillationMethod, trainable_copy
 from lit_gen.methods.divergences import (
     DIVERGENCES,
     density_ratio,
@@ -60,7 +72,7 @@ from lit_gen.methods.divergences import (
     normalized_weights,
     ratio_bin_means,
 )
-from lit_gen.nets.discriminator import DiscriminatorHead
+from lit_gen.nets.discriminator import MultiLevelDiscriminator
 
 GROUPS = ("generator", "fake_score", "discriminator")
 
@@ -72,6 +84,35 @@ def ramp_sigma(t: Tensor, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     experiments' ``min/max_step_percent``); t ~ U[t_min, t_max] here is the continuous version."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (lo + t * (hi - lo)) ** rho
+
+
+def ramp_position(sigma: Tensor, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """The inverse of ``ramp_sigma``: t(σ) = (σ^(1/ρ) − σ_min^(1/ρ)) / (σ_max^(1/ρ) − σ_min^(1/ρ))."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (sigma ** (1 / rho) - lo) / (hi - lo)
+
+
+NOISE_DISTRIBUTIONS = ("ramp", "lognormal")
+
+
+def x_space_weight(param: EDM | VP, sigma: Tensor) -> Tensor:
+    """The teacher loss's weight on ‖x̂ − y‖² at VE noise level σ, so the fake score's DSM loss at a given σ is the
+    teacher's own loss there: EDM λ(σ) = (σ² + σ_d²)/(σ σ_d)² (EDM Table 1; DMD2's fake-score weight
+    SNR + 1/σ_d²); VP with SNR = 1/σ²: truncated SNR max(SNR, 1), v: 1 + SNR, ε: SNR (Salimans & Ho 2022, Sec. 4)."""
+    if isinstance(param, VP):
+        snr = sigma.pow(-2)
+        return {"snr_trunc": snr.clamp_min(1.0), "v": 1 + snr, "eps": snr}[param.loss_weighting]
+    return param.loss_weight(sigma)
+
+
+def dsm_loss_at(
+    param: EDM | VP, net: nn.Module, y: Tensor, sigma: Tensor, label: Tensor | None, noise: Tensor | None = None
+) -> Tensor:
+    """Per-sample denoising score matching w(σ) ‖D(y + σ n; σ) − y‖² (mean over non-batch dims) at given σ [B]."""
+    n = torch.randn_like(y) if noise is None else noise
+    d = param.denoise(net, y + append_dims(sigma, y.ndim).to(y.dtype) * n, sigma, label)
+    per_elem = append_dims(x_space_weight(param, sigma), y.ndim) * (d.to(sigma.dtype) - y.to(sigma.dtype)) ** 2
+    return per_elem.reshape(y.shape[0], -1).mean(dim=1)
 
 
 def distribution_matching_loss(
@@ -105,6 +146,36 @@ def gan_discriminator_loss(logit_real: Tensor, logit_fake: Tensor) -> Tensor:
     return F.softplus(logit_fake.float()).mean() + F.softplus(-logit_real.float()).mean()
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module`` deterministically (eval mode: no dropout) inside the block, then restore its mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def feature_levels(net: nn.Module, x_in: Tensor, c_noise: Tensor, label: Tensor | None) -> list[Tensor]:
+    """``net.feature_levels`` (every resolution) or, for a net that has only ``features``, that one level."""
+    if hasattr(net, "feature_levels"):
+        return list(net.feature_levels(x_in, c_noise, label))
+    return [net.features(x_in, c_noise, label)]
+
+
+class _FeatureLevels(nn.Module):
+    """``forward`` = the wrapped net's feature levels, so ``torch.func.functional_call`` can read them with other
+    (detached) parameters."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_in: Tensor, c_noise: Tensor, label: Tensor | None) -> list[Tensor]:
+        return feature_levels(self.net, x_in, c_noise, label)
+
+
 class _CaptureInput:
     """A stand-in network for ``param.denoise``: records the preconditioned input (x_in, c_noise, label) that the
     real network would get and returns F = 0. Lets the teacher's features be computed for any parameterisation."""
@@ -126,17 +197,33 @@ class FDistill(DistillationMethod):
         param: the parameterisation; None = the teacher's.
         guidance: classifier-free guidance scale of the distilled teacher (1 = unguided).
         init_from_teacher: start generator and fake score from the teacher's weights.
+        student_dropout: dropout of the student (and fake score) copied from the teacher; 0 = none (the
+            references' setting), null = the teacher's rate.
         divergence: one of ``rkl`` (reverse KL = DMD/VSD), ``softened_rkl``, ``js``, ``hellinger``, ``fkl``,
             ``jeffreys``, ``alpha`` (see ``lit_gen.methods.divergences``).
         alpha: α of the ``alpha`` divergence (h = r^α).
         gan_weight: λ_GAN, weight of the generator's GAN loss; 0 with ``rkl`` is plain DMD (no discriminator).
-        r1_weight: weight of the approximate R1 penalty on the head (‖ℓ(x) − ℓ(x + α n)‖², Lin et al. 2024;
-            0 = off).
+        r1_weight: weight of the R1 penalty on the discriminator's real samples (0 = off).
+        r1_kind: ``approx`` — approximate R1 ‖ℓ(x) − ℓ(x + α n)‖² (Lin et al. 2024, DMD2/FastGen's ``gan_r1_reg``);
+            ``grad`` — R1 proper, ‖∇_x ℓ(x)‖² at the noisy real sample (Mescheder et al. 2018; a double backward).
         r1_noise: the perturbation scale α of the approximate R1 penalty.
         update_ratio: fake-score and discriminator updates per generator update (two-time-scale rule; the
             generator is trained on every ``update_ratio``-th optimizer step, the critics on all).
-        t_min: lower end of the noise-level distribution, as a position on the Karras ramp (0 = σ_min).
-        t_max: upper end of the noise-level distribution (1 = σ_max).
+        noise: the noise-level distribution shared by the fake-score loss, the DM loss and the discriminator:
+            ``ramp`` — a uniform position t ∈ [t_min, t_max] on the Karras ramp (DMD2's uniform timesteps);
+            ``lognormal`` — ln σ ~ N(noise_p_mean, noise_p_std²) (EDM's training distribution), clamped to the
+            ramp's [σ(t_min), σ(t_max)].
+        t_min: lower end of the noise-level range, as a position on the Karras ramp (0 = σ_min).
+        t_max: upper end of the noise-level range (1 = σ_max).
+        noise_p_mean: P_mean of the ``lognormal`` noise.
+        noise_p_std: P_std of the ``lognormal`` noise.
+        gan_t_min: lower end of the GAN terms' own noise range (position on the ramp).
+        gan_t_max: upper end of the GAN terms' own noise range (0.5 ≈ σ 2.5 on EDM's ramp: the low-σ half).
+        gan_fraction: fraction of the discriminator's real and generated samples drawn from the GAN range; the rest
+            come from the shared distribution, where the DM term reads r.
+        disc_features: ``teacher`` — the head reads the frozen teacher's feature levels; ``fake_score`` — the
+            trainable fake score's (DMD2: the classifier branch on the fake score's encoder, trained with it).
+        disc_pool: position-blind heads (average over positions/tokens) instead of position-aware ones.
         logit_clip: clamp of the discriminator logit before r = exp(ℓ).
         ratio_min: lower clamp of r.
         ratio_max: upper clamp of r.
@@ -145,7 +232,7 @@ class FDistill(DistillationMethod):
         ratio_ema: EMA rate of those bin means (0 = this batch's means only).
         fake_lr_scale: the fake score's learning rate relative to the optimizer's lr.
         disc_lr_scale: the discriminator head's learning rate relative to the optimizer's lr.
-        disc_hidden: width of the head (0 = the teacher's feature width).
+        disc_hidden: width of every level's head (0 = that level's feature width).
         ema_halflife_steps: half-life of the generator EMA in generator updates; 0 = no EMA.
         optimizer: optimizer factory (one optimizer; see the update scheme in the module docstring).
         warmup_steps: linear learning-rate warm-up in optimizer steps.
@@ -163,14 +250,24 @@ class FDistill(DistillationMethod):
         param: EDM | VP | None = None,
         guidance: float = 1.0,
         init_from_teacher: bool = True,
+        student_dropout: float | None = 0.0,
         divergence: str = "js",
         alpha: float = 0.5,
         gan_weight: float = 1e-3,
         r1_weight: float = 0.0,
+        r1_kind: str = "approx",
         r1_noise: float = 0.1,
         update_ratio: int = 5,
+        noise: str = "ramp",
         t_min: float = 0.02,
         t_max: float = 0.98,
+        noise_p_mean: float = -1.2,
+        noise_p_std: float = 1.2,
+        gan_t_min: float = 0.0,
+        gan_t_max: float = 0.5,
+        gan_fraction: float = 0.5,
+        disc_features: str = "teacher",
+        disc_pool: bool = False,
         logit_clip: float = 10.0,
         ratio_min: float = 0.1,
         ratio_max: float = 20.0,
@@ -190,6 +287,7 @@ class FDistill(DistillationMethod):
             param=param,
             guidance=guidance,
             init_from_teacher=init_from_teacher,
+            student_dropout=student_dropout,
             optimizer=optimizer,
             warmup_steps=warmup_steps,
             decay_steps=decay_steps,
@@ -204,6 +302,18 @@ class FDistill(DistillationMethod):
             (ratio_bins >= 0 and 0.0 <= ratio_ema < 1.0, "need ratio_bins >= 0 and 0 <= ratio_ema < 1"),
             (fake_lr_scale > 0 and disc_lr_scale > 0, "fake_lr_scale and disc_lr_scale must be positive"),
             (ema_halflife_steps >= 0, f"ema_halflife_steps must be >= 0, got {ema_halflife_steps}"),
+            (noise in NOISE_DISTRIBUTIONS, f"unknown noise {noise!r}; choose one of {', '.join(NOISE_DISTRIBUTIONS)}"),
+            (noise_p_std > 0, f"noise_p_std must be positive, got {noise_p_std}"),
+            (
+                0.0 <= gan_t_min < gan_t_max <= 1.0,
+                f"need 0 <= gan_t_min < gan_t_max <= 1, got {gan_t_min}, {gan_t_max}",
+            ),
+            (0.0 <= gan_fraction <= 1.0, f"gan_fraction must be in [0, 1], got {gan_fraction}"),
+            (r1_kind in ("approx", "grad"), f"unknown r1_kind {r1_kind!r}; choose approx or grad"),
+            (
+                disc_features in ("teacher", "fake_score"),
+                f"unknown disc_features {disc_features!r}; choose teacher or fake_score",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -211,19 +321,25 @@ class FDistill(DistillationMethod):
         self.gan_weight = float(gan_weight)
         self.r1_weight = float(r1_weight)
         self.r1_noise = float(r1_noise)
+        self.r1_kind = r1_kind
         self.update_ratio = int(update_ratio)
+        self.noise = noise
         self.t_min, self.t_max = float(t_min), float(t_max)
+        self.noise_p_mean, self.noise_p_std = float(noise_p_mean), float(noise_p_std)
+        self.gan_t_min, self.gan_t_max, self.gan_fraction = float(gan_t_min), float(gan_t_max), float(gan_fraction)
+        self.disc_features = disc_features
         self.logit_clip, self.ratio_min, self.ratio_max = float(logit_clip), float(ratio_min), float(ratio_max)
         self.ratio_ema = float(ratio_ema)
         self.lr_scales = {"generator": 1.0, "fake_score": float(fake_lr_scale), "discriminator": float(disc_lr_scale)}
         self.ema_halflife_steps = float(ema_halflife_steps)
 
-        # Fake score: a trainable copy of the teacher (DMD §3.2: initialised from the real score).
-        self.fake_net = copy.deepcopy(self.teacher_net).requires_grad_(True).train()
-        # Discriminator head on the teacher's features, needed for r (all divergences but rkl) and the GAN term.
-        self.disc: DiscriminatorHead | None = None
+        # Fake score: a trainable copy of the teacher (DMD §3.2: initialised from the real score), with the
+        # students' dropout (0 by default, ALGORITHMS.md §7).
+        self.fake_net = trainable_copy(self.teacher_net, self.student_dropout)
+        # Discriminator heads on the feature levels, needed for r (all divergences but rkl) and the GAN term.
+        self.disc: MultiLevelDiscriminator | None = None
         if self.divergence.needs_ratio or self.gan_weight > 0:
-            self.disc = DiscriminatorHead(self.teacher_feature_shape(), hidden=disc_hidden)
+            self.disc = MultiLevelDiscriminator(self.feature_shapes(), hidden=disc_hidden, pool=disc_pool)
         self.net_ema: nn.Module | None = None
         if self.ema_halflife_steps > 0:
             self.net_ema = copy.deepcopy(self.net).requires_grad_(False).eval()
@@ -239,38 +355,78 @@ class FDistill(DistillationMethod):
             self.net_ema.eval()
         return self
 
-    def teacher_feature_shape(self) -> list[int]:
-        """Shape of the teacher's ``features`` for one sample (probed once on a zero input)."""
+    def feature_shapes(self) -> list[list[int]]:
+        """Shapes of the feature levels the head reads, for one sample (probed once on a zero input)."""
         shape = (self.teacher_description.get("data") or {}).get("shape")
         if not shape:
             raise LitGenError(f"the teacher {self.teacher_path} does not record its data shape")
-        if not hasattr(self.teacher_net, "features"):
-            raise LitGenError(f"the teacher network {type(self.teacher_net).__name__} has no features() for the head")
-        with torch.no_grad():
-            x = torch.zeros(1, *shape)
-            feats = self.teacher_features(x, torch.ones(1))
-        return list(feats.shape[1:])
+        net = self.teacher_net if self.disc_features == "teacher" else self.fake_net
+        if not (hasattr(net, "feature_levels") or hasattr(net, "features")):
+            raise LitGenError(f"the teacher network {type(net).__name__} has no features() for the discriminator")
+        with torch.no_grad(), eval_mode(net):
+            levels = self.disc_feature_levels(torch.zeros(1, *shape), torch.ones(1), None)
+        return [list(f.shape[1:]) for f in levels]
 
-    def teacher_features(self, x: Tensor, sigma: Tensor, label: Tensor | None = None) -> Tensor:
-        """The frozen teacher's intermediate features at the noisy input x (σ), with gradient to x if x has one."""
+    def disc_feature_levels(
+        self, x: Tensor, sigma: Tensor, label: Tensor | None, detach_net: bool = False
+    ) -> list[Tensor]:
+        """The feature levels the head reads at the noisy input x (σ): the frozen teacher's, or the fake score's
+        (``detach_net``: with its weights detached, for the generator's terms). Gradient reaches x if it has one."""
         capture = _CaptureInput()
         self.param.denoise(capture, x, sigma, label)
-        return self.teacher_net.features(*capture.args)
+        if self.disc_features == "teacher":
+            return feature_levels(self.teacher_net, *capture.args)
+        if not detach_net:
+            return feature_levels(self.fake_net, *capture.args)
+        wrapper = _FeatureLevels(self.fake_net)
+        params = {f"net.{name}": p.detach() for name, p in self.fake_net.named_parameters()}
+        with eval_mode(self.fake_net):
+            return torch.func.functional_call(wrapper, params, capture.args)
 
-    def logits(self, x: Tensor, sigma: Tensor, label: Tensor | None, detach_head: bool = False) -> Tensor:
-        """ℓ_ψ(teacher features of x at σ), shape [B]; ``detach_head`` = no gradient to the head's weights."""
+    def logits(
+        self, x: Tensor, sigma: Tensor, label: Tensor | None, detach_head: bool = False, features_grad: bool = True
+    ) -> Tensor:
+        """ℓ_ψ(feature levels of x at σ), shape [B]. ``detach_head``: no gradient to the head's (and a fake-score
+        feature net's) weights — the generator's view; ``features_grad`` False: features without gradient."""
         assert self.disc is not None
-        feats = self.teacher_features(x, sigma, label)
+        with torch.set_grad_enabled(features_grad and torch.is_grad_enabled()):
+            feats = self.disc_feature_levels(x, sigma, label, detach_net=detach_head)
         if not detach_head:
             return self.disc(feats)
         params = {name: p.detach() for name, p in self.disc.named_parameters()}
         return torch.func.functional_call(self.disc, params, (feats,))
 
-    def sample_t_sigma(self, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(t, σ(t)) with t ~ U[t_min, t_max] on the Karras ramp of the parameterisation's [σ_min, σ_max]."""
+    def ramp_sigma(self, t: Tensor) -> Tensor:
+        return ramp_sigma(t, self.param.sigma_min, self.param.sigma_max)
+
+    def sample_noise(self, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(u, σ): σ from the shared noise distribution (``noise``) and u ∈ [0, 1] its position within
+        [t_min, t_max] on the Karras ramp (the ratio normaliser's bin coordinate). Shapes [n]."""
         dtype = torch.promote_types(like.dtype, torch.float32)
-        t = self.t_min + (self.t_max - self.t_min) * torch.rand(n, device=like.device, dtype=dtype)
-        return t, ramp_sigma(t, self.param.sigma_min, self.param.sigma_max)
+        if self.noise == "ramp":
+            u = torch.rand(n, device=like.device, dtype=dtype)
+            return u, self.ramp_sigma(self.t_min + (self.t_max - self.t_min) * u)
+        lo, hi = self.ramp_sigma(torch.tensor([self.t_min, self.t_max], dtype=torch.float64)).tolist()
+        normal = torch.randn(n, device=like.device, dtype=dtype)
+        sigma = torch.exp(normal * self.noise_p_std + self.noise_p_mean).clamp(lo, hi)
+        t = ramp_position(sigma, self.param.sigma_min, self.param.sigma_max)
+        return ((t - self.t_min) / (self.t_max - self.t_min)).clamp(0, 1), sigma
+
+    def sample_gan_sigma(self, n: int, like: Tensor) -> Tensor:
+        """σ of the GAN terms' own range: a uniform position in [gan_t_min, gan_t_max] on the Karras ramp."""
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        t = self.gan_t_min + (self.gan_t_max - self.gan_t_min) * torch.rand(n, device=like.device, dtype=dtype)
+        return self.ramp_sigma(t)
+
+    def in_gan_range(self, sigma: Tensor) -> Tensor:
+        """Which σ lie in the GAN terms' range (a bool mask)."""
+        t = ramp_position(sigma, self.param.sigma_min, self.param.sigma_max)
+        return (t >= self.gan_t_min - 1e-6) & (t <= self.gan_t_max + 1e-6)
+
+    def disc_sigma(self, n: int, like: Tensor) -> Tensor:
+        """The discriminator's noise levels: the first ⌊gan_fraction·n⌉ from the GAN range, the rest shared."""
+        k = int(round(self.gan_fraction * n))
+        return torch.cat([self.sample_gan_sigma(k, like), self.sample_noise(n - k, like)[1]])
 
     def reduce_sum(self, value: Tensor) -> Tensor:
         """Sum over all ranks (identity without a distributed trainer) — for batch statistics, no gradient."""
@@ -288,72 +444,89 @@ class FDistill(DistillationMethod):
         return self.param.denoise(self.net, self.param.sigma_max * z, sigma, label)
 
     # ------------------------------------------------------------------------------------------------ f weights
-    def weights(self, logit: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(ĥ, r): normalised f-distill weights (batch mean 1 over all ranks) and the clamped ratio, float32."""
+    def weights(self, logit: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """(ĥ, r): normalised f-distill weights (batch mean 1 over all ranks) and the clamped ratio, float32.
+        ``u`` ∈ [0, 1]: each sample's noise-level position (``sample_noise``), the bin of the ratio normaliser."""
         r = density_ratio(logit, self.logit_clip, self.ratio_min, self.ratio_max)
         bins = self.ratio_bin_mean.numel()
         if bins:
             with torch.no_grad():
-                sums, counts = ratio_bin_means(r, (t - self.t_min) / (self.t_max - self.t_min), bins, self.reduce_sum)
+                sums, counts = ratio_bin_means(r, u, bins, self.reduce_sum)
                 seen = counts > 0
                 batch_mean = torch.where(seen, sums / counts.clamp_min(1), torch.ones_like(sums))
                 old = self.ratio_bin_mean.to(batch_mean.dtype)
                 new = torch.where(seen, self.ratio_ema * old + (1 - self.ratio_ema) * batch_mean, old)
                 self.ratio_bin_mean.copy_(new.to(self.ratio_bin_mean.dtype))
-                idx = (((t - self.t_min) / (self.t_max - self.t_min)) * bins).floor().long().clamp(0, bins - 1)
+                idx = (u * bins).floor().long().clamp(0, bins - 1)
                 r = r / (new[idx] + 1e-6)
         h = self.divergence.h(r)
         return normalized_weights(h, self.reduce_sum), r
 
     # ------------------------------------------------------------------------------------------------ losses
     def loss_fake_score(self, x0: Tensor, label: Tensor | None) -> Tensor:
-        """Denoising score matching of D_φ on sg(G_θ(z)) with the teacher's own loss (EDM eq. 2 / VP)."""
-        return self.param.loss(self.fake_net, x0.detach(), label).mean()
+        """Denoising score matching of D_φ on sg(G_θ(z)) at σ from the shared noise distribution, weighted as the
+        teacher's own loss (EDM λ(σ) / VP's weighting): DMD eq. 6, DMD2's ``compute_loss_fake``."""
+        _, sigma = self.sample_noise(x0.shape[0], x0)
+        return dsm_loss_at(self.param, self.fake_net, x0.detach(), sigma, label).mean()
 
     def loss_discriminator(self, x0: Tensor, y: Tensor, label: Tensor | None, real_label: Tensor | None) -> dict:
-        """Logistic loss of the head on noisy generated vs noisy real samples (+ approximate R1 on the real ones)."""
+        """Logistic loss of the head on noisy generated vs noisy real samples (+ R1 on the real ones)."""
         b = x0.shape[0]
-        _, sigma_f = self.sample_t_sigma(b, x0)
-        _, sigma_r = self.sample_t_sigma(y.shape[0], y)
+        sigma_f, sigma_r = self.disc_sigma(b, x0), self.disc_sigma(y.shape[0], y)
         x_fake = x0.detach() + append_dims(sigma_f, x0.ndim).to(x0.dtype) * torch.randn_like(x0)
         x_real = y + append_dims(sigma_r, y.ndim).to(y.dtype) * torch.randn_like(y)
         both_label = None if label is None else torch.cat([label, real_label])
-        with torch.no_grad():
-            feats = self.teacher_features(torch.cat([x_fake, x_real]), torch.cat([sigma_f, sigma_r]), both_label)
-        logit_fake, logit_real = self.disc(feats).float().split([b, y.shape[0]])
+        exact_r1 = self.r1_weight > 0 and self.r1_kind == "grad"
+        if exact_r1:
+            x_real = x_real.detach().requires_grad_(True)
+        # Teacher features need no gradient (frozen); a fake-score feature net is trained by this loss (DMD2).
+        logit = self.logits(
+            torch.cat([x_fake, x_real]), torch.cat([sigma_f, sigma_r]), both_label,
+            features_grad=self.disc_features == "fake_score" or exact_r1,
+        )  # fmt: skip
+        logit_fake, logit_real = logit.float().split([b, y.shape[0]])
         out = {"loss": gan_discriminator_loss(logit_real, logit_fake), "logit_fake": logit_fake.detach()}
         out["logit_real"] = logit_real.detach()
+        out["gan_range_fake"] = self.in_gan_range(sigma_f)
+        out["gan_range_real"] = self.in_gan_range(sigma_r)
         if self.r1_weight > 0:
-            with torch.no_grad():
-                feats_pert = self.teacher_features(
-                    x_real + self.r1_noise * torch.randn_like(x_real), sigma_r, real_label
-                )
-            r1 = F.mse_loss(logit_real, self.disc(feats_pert).float())
+            if exact_r1:
+                (grad,) = torch.autograd.grad(logit_real.sum(), x_real, create_graph=True)
+                r1 = grad.pow(2).reshape(grad.shape[0], -1).sum(1).mean()
+            else:
+                x_pert = x_real + self.r1_noise * torch.randn_like(x_real)
+                r1 = F.mse_loss(logit_real, self.logits(x_pert, sigma_r, real_label, features_grad=False).float())
             out["r1"] = r1.detach()
             out["loss"] = out["loss"] + self.r1_weight * r1
         return out
 
     def loss_generator(self, x0: Tensor, label: Tensor | None) -> dict:
-        """f-distill's weighted DM loss (+ λ_GAN · GAN loss) at x_σ = G_θ(z) + σ ε; gradient only to θ."""
-        t, sigma = self.sample_t_sigma(x0.shape[0], x0)
+        """f-distill's weighted DM loss (+ λ_GAN · GAN loss) at x_σ = G_θ(z) + σ ε; gradient only to θ.
+
+        The teacher and the fake score both run deterministically (eval mode): with fake = teacher the DM gradient
+        is exactly zero, whatever dropout the fake score trains with."""
+        u, sigma = self.sample_noise(x0.shape[0], x0)
         x_t = x0 + append_dims(sigma, x0.ndim).to(x0.dtype) * torch.randn_like(x0)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.fake_net):
             x_teacher = self.teacher_denoise(x_t, sigma, label)
             x_fake = self.param.denoise(self.fake_net, x_t, sigma, label)
         out: dict[str, Tensor] = {}
         weight = None
         loss = torch.zeros((), device=x0.device)
         if self.disc is not None:
-            # Gradient reaches θ through the frozen teacher's features only when the GAN term is on.
+            # Gradient reaches θ through the feature net only when the GAN term is on.
             with torch.set_grad_enabled(self.gan_weight > 0):
                 logit = self.logits(x_t, sigma, label, detach_head=True).float()
             if self.gan_weight > 0:
-                out["gan"] = gan_generator_loss(logit)
+                mask = self.in_gan_range(sigma).to(logit.dtype)
+                # Mean over the samples in the GAN range (the local count; no sample in range gives 0).
+                out["gan"] = (F.softplus(-logit) * mask).sum() / mask.sum().clamp_min(1.0)
                 loss = loss + self.gan_weight * out["gan"]
+            out["logit"] = logit.detach()
+            out["r_raw"] = density_ratio(logit.detach(), self.logit_clip, self.ratio_min, self.ratio_max)
             if self.divergence.needs_ratio:
-                weight, r = self.weights(logit, t)
+                weight, r = self.weights(logit.detach(), u)
                 out["weight"], out["r"] = weight, r
-                out["logit"] = logit.detach()
         out["dm"] = distribution_matching_loss(x0, x_teacher, x_fake, weight)
         out["loss"] = loss + out["dm"]
         return out
@@ -374,8 +547,18 @@ class FDistill(DistillationMethod):
         if self.disc is not None:
             d = self.loss_discriminator(x0, y, label, label)
             total = total + d["loss"]
-            accuracy = 0.5 * ((d["logit_real"] > 0).float().mean() + (d["logit_fake"] < 0).float().mean())
-            logs.update({"train/loss_disc": d["loss"].detach(), "train/disc_accuracy": accuracy})
+            acc_real, acc_fake = (d["logit_real"] > 0).float(), (d["logit_fake"] < 0).float()
+            logs.update(
+                {
+                    "train/loss_disc": d["loss"].detach(),
+                    "train/disc_accuracy": 0.5 * (acc_real.mean() + acc_fake.mean()),
+                    "train/disc_acc_real": acc_real.mean(),
+                    "train/disc_acc_fake": acc_fake.mean(),
+                }
+            )
+            low_r, low_f = d["gan_range_real"], d["gan_range_fake"]
+            if bool(low_r.any()) and bool(low_f.any()):  # accuracy within the GAN terms' (low-σ) range
+                logs["train/disc_accuracy_gan_range"] = 0.5 * (acc_real[low_r].mean() + acc_fake[low_f].mean())
             logs["train/logit_fake"] = d["logit_fake"].mean()
             logs["train/logit_real"] = d["logit_real"].mean()
             if "r1" in d:
@@ -387,6 +570,9 @@ class FDistill(DistillationMethod):
             logs["train/loss_dm"] = g["dm"].detach()
             if "gan" in g:
                 logs["train/loss_gan_gen"] = g["gan"].detach()
+            if "r_raw" in g:
+                logs["train/ratio_std"] = g["r_raw"].std() if g["r_raw"].numel() > 1 else torch.zeros(())
+                logs["train/log_ratio_std"] = g["logit"].std() if g["logit"].numel() > 1 else torch.zeros(())
             if "weight" in g:
                 logs.update(self._weight_stats(g["weight"], g["r"]))
         else:

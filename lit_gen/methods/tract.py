@@ -80,6 +80,8 @@ class TRACT(DistillationMethod):
         param: the parameterisation; None = the teacher's (another one is an error).
         guidance: classifier-free guidance scale of the phase-0 teacher (1 = unguided).
         init_from_teacher: start the student from the teacher's weights.
+        student_dropout: dropout of the student copied from the teacher; 0 = none (the
+            references' setting), null = the teacher's rate.
         optimizer: optimizer factory for the student.
         warmup_steps: linear learning-rate warm-up at the start of the run, in optimizer steps.
     """
@@ -105,6 +107,7 @@ class TRACT(DistillationMethod):
         param: EDM | VP | None = None,
         guidance: float = 1.0,
         init_from_teacher: bool = True,
+        student_dropout: float | None = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
     ) -> None:
@@ -114,6 +117,7 @@ class TRACT(DistillationMethod):
             param=param,
             guidance=guidance,
             init_from_teacher=init_from_teacher,
+            student_dropout=student_dropout,
             optimizer=optimizer,
             warmup_steps=warmup_steps,
         )

@@ -155,6 +155,19 @@ class DiT(Configurable, nn.Module):
         feature_dim]."""
         return self._tokens(x, self._condition(x, c_noise, label))
 
+    def feature_levels(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> list[Tensor]:
+        """Token features after blocks ⌈depth/3⌉, ⌈2·depth/3⌉ and depth (deduplicated): [B, T, feature_dim] each."""
+        c = self._condition(x, c_noise, label)
+        depth = len(self.blocks)
+        taps = sorted({max(1, -(-depth // 3)), max(1, -(-2 * depth // 3)), depth})
+        h = self.x_embedder(x) + self.pos_embed
+        levels = []
+        for i, block in enumerate(self.blocks, start=1):
+            h = block(h, c)
+            if i in taps:
+                levels.append(h)
+        return levels
+
     def unpatchify(self, tokens: Tensor) -> Tensor:
         """[B, T, p*p*C] tokens back to [B, C, H, W] images."""
         b, g, p, c = tokens.shape[0], self.grid_size, self.patch_size, self.out_channels

@@ -80,16 +80,28 @@ class MLPDenoiser(Configurable, nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
-        """The last hidden layer, ``silu(norm(h))`` before the output projection: [B, feature_dim]."""
+    def _hidden(self, x: Tensor, c_noise: Tensor, label: Tensor | None) -> list[Tensor]:
+        """The residual stream after every block, [B, hidden] each."""
         emb = self.map_noise(noise_vector(c_noise, x.shape[0], x.device)).to(self.proj_in.weight.dtype)
         if self.map_label is not None:
             emb = emb + self.map_label(label, x.shape[0])
         cond = self.map_cond(emb)
         h = self.proj_in(x)
+        out = []
         for block in self.blocks:
             h = block(h, cond)
-        return F.silu(self.norm_out(h))
+            out.append(h)
+        return out if out else [h]
+
+    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
+        """The last hidden layer, ``silu(norm(h))`` before the output projection: [B, feature_dim]."""
+        return F.silu(self.norm_out(self._hidden(x, c_noise, label)[-1]))
+
+    def feature_levels(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> list[Tensor]:
+        """The residual stream after every block but the last, then ``features``: [B, feature_dim] each (the
+        multi-level discriminator reads all of them)."""
+        hidden = self._hidden(x, c_noise, label)
+        return [*hidden[:-1], F.silu(self.norm_out(hidden[-1]))]
 
     def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
         """F(x, c_noise, label) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``)."""

@@ -248,6 +248,21 @@ class UNet(Configurable, nn.Module):
         """Bottleneck activations [B, feature_dim, R, R], R = img_resolution / 2^(len(channel_mult) - 1)."""
         return self._encode(x, self._embed(x, c_noise, label))[0]
 
+    def feature_levels(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> list[Tensor]:
+        """Encoder activations at every resolution, finest first: the last block of each level [B, C_l, R_l, R_l]
+        and, for the lowest level, the bottleneck output. FastGen's EDM discriminator reads these levels
+        (32/16/8 for CIFAR-10) instead of the bottleneck alone; so do lit_gen's multi-level heads."""
+        emb = self._embed(x, c_noise, label)
+        h = self.conv_in(x)
+        levels: list[Tensor] = []
+        for block in self.enc:
+            if block.resample == "down":
+                levels.append(h)
+            h = block(h, emb)
+        for block in self.mid:
+            h = block(h, emb)
+        return [*levels, h]
+
     def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
         """F(x, c_noise, label) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``)."""
         emb = self._embed(x, c_noise, label)
