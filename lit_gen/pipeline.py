@@ -8,7 +8,7 @@ A pipeline recipe (``recipes/pipelines/*.yaml``) lists stages; each stage is one
   stage ``data``, distilling the last checkpoint of stage ``teacher`` (if given); ``args`` are ``--key value``
   overrides, ``tiny`` replaces/extends them in ``--tiny`` mode;
 - ``eval``: ``{ref, n, tiny_n, floor, rows: [{model: STAGE, steps: [...], guidance}]}`` -> one metrics table, written to
-  ``OUT/results.md`` (with ``fd_ratio``: each row's FD over the FD of the first row's model at its most NFE — the
+  ``OUT/results.md`` (``OUT/results_<stage>.md`` for an eval stage not named ``eval``; with ``fd_ratio``: each row's FD over the FD of the first row's model at its most NFE — the
   student/teacher@35-NFE ratio), plus a sample grid ``OUT/<model>_<steps>step.png`` per row. When the ``ref`` stage
   has a validation split, the table starts with the real-data floor (``floor: true``, the default): the training split
   scored against the validation split like a model (row ``real train split``), so a saturated metric is visible.
@@ -122,6 +122,12 @@ class Runner:
         folder = self.stage_dir(name)
         return folder / "val" if (folder / "val").is_dir() else self.train_shards(name)
 
+    @staticmethod
+    def results_name(stage: str) -> str:
+        """``results.md`` for the stage named ``eval``, ``results_<stage>.md`` for any other eval stage (so
+        pipelines run into one folder keep each other's tables)."""
+        return "results.md" if stage == "eval" else f"results_{stage}.md"
+
     def last_checkpoint(self, name: str) -> Path:
         return self.stage_dir(name) / "checkpoints" / "last.ckpt"
 
@@ -211,7 +217,7 @@ class Runner:
         mode = "tiny (--tiny: a smoke test, numbers are not meaningful)" if self.tiny else "full"
         text = f"# {self.pipeline.name} pipeline results\n\nMode: {mode}. Reference: {self.ref_shards(spec['ref'])}, "
         text += f"{n} generated samples per row.{note}\n\n{table}\n"
-        (self.out / "results.md").write_text(text)
+        (self.out / self.results_name(stage.name)).write_text(text)
         self.log(table)
 
 

@@ -204,7 +204,7 @@ class ClassifierTwoSampleTest:
         self,
         folds: int = 5,
         epochs: int = 30,
-        batch_size: int = 64,
+        batch_size: int = 128,
         lr: float = 1e-3,
         max_n: int = 2000,
         seed: int = 0,
