@@ -22,6 +22,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 SIGNALS = ("SIGUSR1", "SIGTERM")
+# What stopped the latest fit in this process ("SIGTERM at step 157"), or None: a fit that returns after a
+# preemption signal is unfinished, and in-process callers (``lit-gen pipeline``) must not count it as done.
+LAST_STOP: list[str] = []
 
 
 class Preemption(Callback):
@@ -86,6 +89,7 @@ class Preemption(Callback):
             + ("job requeued" if requeued else "resume by running the same command with --ckpt_path last")
         )
         print(f"lit-gen: stopped by {what} at step {trainer.global_step}", file=sys.stderr)
+        LAST_STOP.append(f"{what} at step {trainer.global_step}")
 
 
 def _requeue_slurm() -> bool:

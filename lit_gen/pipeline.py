@@ -178,7 +178,15 @@ class Runner:
             overrides.update(spec.get("tiny") or {})
         args += _args(overrides)
         args += ["--ckpt_path", "last"]  # an unfinished stage resumes; a fresh one starts from scratch
+        from callbacks.preemption import LAST_STOP
+
+        LAST_STOP.clear()
         main(args)
+        if LAST_STOP:  # SIGTERM / SIGUSR1: the fit saved and returned early; the stage is not done
+            raise LitGenError(
+                f"stage {stage.name} was stopped by {LAST_STOP[-1]} (checkpoint saved); run the pipeline again "
+                "to resume it"
+            )
         if not self.last_checkpoint(stage.name).exists():
             raise LitGenError(f"stage {stage.name} finished without writing {self.last_checkpoint(stage.name)}")
 

@@ -32,6 +32,24 @@ def test_pipeline_recipes_are_checked(tmp_path: Path) -> None:
             assert shipped.resolve(stage.spec["recipe"]).is_file()
 
 
+def test_a_fit_stopped_by_a_signal_is_not_marked_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM makes the Preemption callback save and return from fit; the stage must stay unfinished (found when a
+    killed quickstart skipped its 157-step teacher as 'done' on the next run)."""
+    import callbacks.preemption
+    import lit_gen.cli
+
+    def stopped_fit(args: list[str]) -> None:
+        callbacks.preemption.LAST_STOP.append("SIGTERM at step 157")
+
+    monkeypatch.setattr(lit_gen.cli, "main", stopped_fit)
+    fit_recipe = tmp_path / "recipe.yaml"
+    fit_recipe.write_text("{}\n")
+    recipe = write(tmp_path, f"name: p\nstages:\n  - {{name: teacher, fit: {{recipe: {fit_recipe}}}}}\n")
+    with pytest.raises(LitGenError, match="stopped by SIGTERM at step 157"):
+        Runner(Pipeline.read(recipe), tmp_path / "out", log=lambda *_: None).run()
+    assert not (tmp_path / "out" / "teacher" / ".done").exists()
+
+
 @pytest.mark.slow
 def test_toy_pipeline_runs_and_resumes_per_stage(tmp_path: Path) -> None:
     recipe = write(
