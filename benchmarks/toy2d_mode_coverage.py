@@ -5,9 +5,9 @@
 
 A mixture is a built-in name (``TOY2D``) or ``randK:SEED``: K isotropic modes generated here with other layouts than the
 built-ins — unequal Dirichlet(1) weights (the smallest at least 3 %), widths 0.08–0.35, centres uniform in a disc of
-radius 4 at least 1.4 apart (the seed decides all of it; never used to tune a recipe). For each mixture: 40000 points
--> `lit-gen shards`, the toy2d EDM teacher recipe (``--teacher-steps``), then `lit-gen fit -c recipes/toy2d/fdistill.yaml`
-per divergence (``--steps``, lr decayed to 0 at the end), and 8192 one-step samples scored against the true modes:
+radius 4 at least 1.4 apart (the seed decides all of it; never used to tune a recipe). For each mixture: 40000
+points -> `lit-gen shards`, the toy2d EDM teacher recipe (``--teacher-steps``), then
+`lit-gen fit -c recipes/toy2d/fdistill.yaml` per divergence (``--steps``, lr decayed to 0 at the end), and 8192 one-step samples scored against the true modes:
 mode-weight TV, off-mode mass (beyond 3 σ of every mode; true samples 1.1 %), modes covered. Prints markdown tables.
 """
 
@@ -107,7 +107,8 @@ def main() -> None:
         print(f"\n{name}: {spec.num_modes} modes, weights {weights}; {args.n} samples (seed 1)")
         print("| model | mode TV | off-mode | modes covered |\n| --- | --- | --- | --- |")
         for label, m in rows:
-            print(f"| {label} | {m['mode_tv']:.3f} | {100 * m['off_mode']:.1f} % | {m['modes_covered']}/{m['num_modes']} |")
+            covered = f"{m['modes_covered']}/{m['num_modes']}"
+            print(f"| {label} | {m['mode_tv']:.3f} | {100 * m['off_mode']:.1f} % | {covered} |")
     summary = {name: {label: {k: float(m[k]) for k in ("mode_tv", "off_mode", "modes_covered")} for label, m in rows}
                for name, _, rows in results}  # fmt: skip
     Path(args.root).mkdir(parents=True, exist_ok=True)

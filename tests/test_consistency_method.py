@@ -96,7 +96,8 @@ def test_zero_momentum_target_is_the_online_net_without_gradient(tmp_path: Path)
 
 
 def test_online_and_target_passes_share_the_dropout_masks(tmp_path: Path) -> None:
-    method = ConsistencyDistillation(teacher=str(write_teacher(tmp_path / "t.ckpt", dropout=0.5)), num_scales=6, student_dropout=None)
+    teacher = write_teacher(tmp_path / "t.ckpt", dropout=0.5)
+    method = ConsistencyDistillation(teacher=str(teacher), num_scales=6, student_dropout=None)  # keep dropout
     perturb(method.net, 0.2)
     method.update_target()
     method.train()
