@@ -7,7 +7,8 @@ A mixture is a built-in name (``TOY2D``) or ``randK:SEED``: K isotropic modes ge
 built-ins — unequal Dirichlet(1) weights (the smallest at least 3 %), widths 0.08–0.35, centres uniform in a disc of
 radius 4 at least 1.4 apart (the seed decides all of it; never used to tune a recipe). For each mixture: 40000
 points -> `lit-gen shards`, the toy2d EDM teacher recipe (``--teacher-steps``), then
-`lit-gen fit -c recipes/toy2d/fdistill.yaml` per divergence (``--steps``, lr decayed to 0 at the end), and 8192 one-step samples scored against the true modes:
+`lit-gen fit -c recipes/toy2d/fdistill.yaml` per divergence (``--steps``, lr decayed to 0 at the end), and 8192
+one-step samples scored against the true modes:
 mode-weight TV, off-mode mass (beyond 3 σ of every mode; true samples 1.1 %), modes covered. Prints markdown tables.
 """
 

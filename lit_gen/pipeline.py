@@ -8,8 +8,9 @@ A pipeline recipe (``recipes/pipelines/*.yaml``) lists stages; each stage is one
   stage ``data``, distilling the last checkpoint of stage ``teacher`` (if given); ``args`` are ``--key value``
   overrides, ``tiny`` replaces/extends them in ``--tiny`` mode;
 - ``eval``: ``{ref, n, tiny_n, floor, rows: [{model: STAGE, steps: [...], guidance}]}`` -> one metrics table,
-  written to ``OUT/results.md`` (``OUT/results_<stage>.md`` for an eval stage not named ``eval``; with ``fd_ratio``: each row's FD over the FD of the first row's model at its most NFE — the
-  student/teacher@35-NFE ratio), plus a sample grid ``OUT/<model>_<steps>step.png`` per row. When the ``ref`` stage
+  written to ``OUT/results.md`` (``OUT/results_<stage>.md`` for an eval stage not named ``eval``; with ``fd_ratio``:
+  each row's FD over the FD of the first row's model at its most NFE — the student/teacher@35-NFE ratio), plus a
+  sample grid ``OUT/<model>_<steps>step.png`` per row. When the ``ref`` stage
   has a validation split, the table starts with the real-data floor (``floor: true``, the default): the training split
   scored against the validation split like a model (row ``real train split``), so a saturated metric is visible.
 
