@@ -146,9 +146,9 @@ def build_net(model_dir: Path) -> tuple[DiffusersNet, dict[str, Any]]:
     name = config.get("_class_name")
     if name not in MODEL_CLASSES:
         raise LitGenError(f"{model_dir}/config.json describes a {name!r}; lit_gen imports {', '.join(MODEL_CLASSES)}")
-    class_count(name, config)  # refuses a conditioning lit_gen cannot feed, before building the model
+    num_classes, _ = class_count(name, config)  # refuses a conditioning lit_gen cannot feed, before building
     try:
-        net = DiffusersNet(name, config)
+        net = DiffusersNet(name, config, num_classes)
     except LitGenError:
         raise
     except Exception as err:  # noqa: BLE001 - diffusers rejects bad configs with many exception types

@@ -63,9 +63,11 @@ class DiffusersNet(Configurable, nn.Module):
     Args:
         model_class: "UNet2DModel", "UNet2DConditionModel" or "DiTTransformer2DModel".
         config: the model's diffusers config (its ``config.json``).
+        num_classes: the number of real classes (``class_count`` of the config; recorded so that lit_gen's
+            class-conditional code reads it from ``init_args`` as for its own networks); must match the config.
     """
 
-    def __init__(self, model_class: str, config: dict[str, Any]) -> None:
+    def __init__(self, model_class: str, config: dict[str, Any], num_classes: int = 0) -> None:
         super().__init__()
         cls = diffusers_class(model_class)
         config = {k: v for k, v in config.items() if k not in _CONFIG_ONLY_KEYS}
@@ -83,6 +85,8 @@ class DiffusersNet(Configurable, nn.Module):
         if out_channels not in (self.in_channels, 2 * self.in_channels):
             raise LitGenError(f"{model_class} has {out_channels} output channels for {self.in_channels} inputs")
         self.num_classes, self.has_null = class_count(model_class, dict(cfg))
+        if self.num_classes != num_classes:
+            raise LitGenError(f"num_classes={num_classes} but the {model_class} config has {self.num_classes} classes")
         if model_class == "DiTTransformer2DModel":
             self.feature_dim = int(cfg.num_attention_heads * cfg.attention_head_dim)
         else:
