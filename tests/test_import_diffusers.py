@@ -210,7 +210,7 @@ def test_distill_the_imported_teacher(eps_teacher: tuple[Path, Path], tmp_path: 
     np.save(tmp_path / "images.npy", images)
     run_cli("shards", tmp_path / "images.npy", "--out", tmp_path / "shards", "--no-progress")
     extra = {
-        "tract": ["--model.init_args.schedule", "[4, 1]", "--model.init_args.steps_per_phase", "2"],
+        "tract": ["--model.init_args.schedule", "[4, 1]", "--model.init_args.steps_per_phase", "4"],
         "cd": ["--model.init_args.num_scales", "4"],
         "fdistill": [],
     }[recipe]
@@ -226,4 +226,4 @@ def test_distill_the_imported_teacher(eps_teacher: tuple[Path, Path], tmp_path: 
     assert student.description["method"] != "import"
     run_cli("sample", "--ckpt", ckpt, "--n", 4, "--out", tmp_path / "s.png")
     assert (tmp_path / "s.png").is_file()
-    run_cli("eval", "--ckpt", ckpt, "--ref", tmp_path / "shards", "--n", 16, "--metric", "fd")
+    run_cli("eval", "--ckpt", ckpt, "--ref", tmp_path / "shards", "--n", 16, "--metric", "fd_raw")
