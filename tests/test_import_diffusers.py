@@ -150,6 +150,22 @@ def test_class_conditional_models_import_faithfully(tmp_path: Path, make) -> Non
     assert samples.shape == (2, 3, 8, 8) and torch.isfinite(samples).all()
 
 
+def test_edm_view_is_the_same_denoiser(eps_teacher: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--param edm``: EDM's c_skip x + c_out F with F = EDMView(the diffusers net) is the native denoiser."""
+    folder, native_file = eps_teacher
+    out = tmp_path / "edm.safetensors"
+    run_import(folder, out, param="edm")
+    native, view = load_model(native_file), load_model(out)
+    assert type(view.param).__name__ == "EDM" and view.param.sigma_max == native.param.sigma_max
+    native.net.double()
+    view.net.double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64) * 3
+    for sigma in (0.02, 0.7, 3.0, 150.0):
+        s = torch.full((2,), sigma, dtype=torch.float64)
+        with torch.no_grad():
+            assert (view.denoiser()(x, s, None) - native.denoiser()(x, s, None)).abs().max() <= 1e-9
+
+
 def test_cli_import_then_sample(eps_teacher: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     folder, _ = eps_teacher
     out = tmp_path / "cli.safetensors"
@@ -205,7 +221,10 @@ def test_bad_inputs_are_one_line(eps_teacher: tuple[Path, Path], tmp_path: Path,
 @pytest.mark.parametrize("recipe", ["tract", "cd", "fdistill"])
 def test_distill_the_imported_teacher(eps_teacher: tuple[Path, Path], tmp_path: Path, recipe: str) -> None:
     """TRACT, CD and f-distill each train a few steps from the imported diffusers teacher and sample (and eval)."""
-    _, teacher = eps_teacher
+    folder, teacher = eps_teacher
+    if recipe == "cd":  # consistency distillation needs EDM's F: the same teacher behind EDM preconditioning
+        teacher = tmp_path / "edm_view.safetensors"
+        run_import(folder, teacher, param="edm")
     images = (np.random.default_rng(0).random((64, 8, 8, 3)) * 255).astype(np.uint8)
     np.save(tmp_path / "images.npy", images)
     run_cli("shards", tmp_path / "images.npy", "--out", tmp_path / "shards", "--no-progress")

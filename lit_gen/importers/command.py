@@ -30,7 +30,9 @@ def detect_format(src: Path) -> str:
     )
 
 
-def run_import(src: str | Path, out: str | Path, fmt: str = "auto", check: bool = False) -> dict[str, Any]:
+def run_import(
+    src: str | Path, out: str | Path, fmt: str = "auto", check: bool = False, param: str = "native"
+) -> dict[str, Any]:
     """Import ``src`` into ``out``; with ``check`` also write the conformance report beside it (``OUT.check.json``)
     a grid of samples at the teacher's default sampler (``OUT.samples.png``), and fail when the imported denoiser
     differs from the source beyond round-off."""
@@ -43,7 +45,7 @@ def run_import(src: str | Path, out: str | Path, fmt: str = "auto", check: bool 
     if fmt == "diffusers":
         from lit_gen.importers import diffusers as importer
 
-        report = importer.import_diffusers(src, out)
+        report = importer.import_diffusers(src, out, param)
     elif fmt == "edm":
         from lit_gen.importers import edm_pickle as importer  # type: ignore[no-redef]
 
@@ -80,7 +82,7 @@ def _sample_grid(out: str | Path, n: int = 16, steps: int = 10) -> Path:
 
 
 def _cmd_import(ns: argparse.Namespace) -> None:
-    report = run_import(ns.src, ns.out, ns.format, ns.check)
+    report = run_import(ns.src, ns.out, ns.format, ns.check, ns.param)
     print(
         f"imported {ns.src} ({report.get('model_class', '')}, {report['parameters']:,} parameters) to {ns.out} "
         f"in {report['seconds']:.1f}s"
@@ -95,5 +97,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("src", help="diffusers pipeline/model folder, or an EDM network-snapshot .pkl")
     p.add_argument("--out", required=True, help="TEACHER.safetensors")
     p.add_argument("--format", default="auto", help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+    p.add_argument(
+        "--param",
+        default="native",
+        help="diffusers only: native (the teacher's own timestep table; default) or edm (the same denoiser behind "
+        "EDM preconditioning, for consistency distillation)",
+    )
     p.add_argument("--check", action="store_true", help="compare with the source and write OUT.check.json")
     p.set_defaults(func=_cmd_import)

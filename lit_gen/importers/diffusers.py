@@ -158,8 +158,20 @@ def build_net(model_dir: Path) -> tuple[DiffusersNet, dict[str, Any]]:
     return net.eval().requires_grad_(False), config
 
 
-def import_diffusers(src: str | Path, out: str | Path) -> dict[str, Any]:
-    """Import the diffusers teacher at ``src`` into ``out`` (.safetensors); returns a short report."""
+PARAM_VIEWS: dict[str, str] = {
+    "native": "the teacher's own DiscreteVP table (network sees its own timesteps; DDIM reproduces diffusers)",
+    "edm": "the same denoiser behind EDM preconditioning (nets.edm_view.EDMView), for methods that need EDM's F "
+    "(consistency distillation)",
+}
+
+
+def import_diffusers(src: str | Path, out: str | Path, param_view: str = "native") -> dict[str, Any]:
+    """Import the diffusers teacher at ``src`` into ``out`` (.safetensors); returns a short report.
+
+    ``param_view`` "native" writes (DiffusersNet, DiscreteVP); "edm" writes (EDMView(DiffusersNet, DiscreteVP),
+    EDM with σ_d = 0.5 and the table's σ range): the same D(x; σ), seen as EDM's c_skip x + c_out F."""
+    if param_view not in PARAM_VIEWS:
+        raise LitGenError(f"unknown --param {param_view!r}; choose one of {', '.join(PARAM_VIEWS)}")
     start = time.perf_counter()
     model_dir, scheduler_file, vae = find_parts(src)
     if vae is not None:
@@ -174,10 +186,21 @@ def import_diffusers(src: str | Path, out: str | Path) -> dict[str, Any]:
         raise LitGenError(f"{model_dir}/config.json has no sample_size (the image resolution)")
     data = pixel_data_info(net.in_channels, int(resolution), net.num_classes)
     source = {"format": "diffusers", "path": str(src), "class": net.model_class, "scheduler": str(scheduler_file)}
-    write_teacher(out, net, param, data, source, {"sampler": "ddim", "steps": 50})
+    sampling = {"sampler": "ddim", "steps": 50}
+    model_class = net.model_class
+    if param_view == "edm":
+        from lit_gen.diffusion.edm import EDM
+        from lit_gen.nets.edm_view import EDMView
+        from lit_gen.spec import describe
+
+        view = EDMView(describe(net), describe(param), sigma_data=0.5, num_classes=net.num_classes)
+        view.inner.load_state_dict(net.state_dict())
+        net, param = view.eval().requires_grad_(False), EDM(sigma_min=param.sigma_min, sigma_max=param.sigma_max)
+        sampling = {"sampler": "heun", "steps": 18}
+    write_teacher(out, net, param, data, source, sampling)
     return {
         "out": str(out),
-        "model_class": net.model_class,
+        "model_class": model_class,
         "parameters": count_parameters(net),
         "param": repr(param),
         "seconds": round(time.perf_counter() - start, 3),
@@ -226,15 +249,17 @@ def conformance(out: str | Path, src: str | Path, batch: int = 4, ddim_steps: in
 
     model_dir, scheduler_file, _ = find_parts(src)
     loaded = load_model(out)
-    net: DiffusersNet = loaded.net  # type: ignore[assignment]
+    net: DiffusersNet = getattr(loaded.net, "inner", loaded.net)  # type: ignore[assignment]
+    discrete: DiscreteVP = getattr(loaded.net, "inner_param", loaded.param)
     reference = diffusers_class(net.model_class).from_pretrained(str(model_dir)).eval()
     sched_cfg = read_json(scheduler_file, "scheduler config")
     sched = DDIMScheduler.from_config(sched_cfg, clip_sample=False, thresholding=False, set_alpha_to_one=True)
     report: dict[str, Any] = {
         "parameters_lit_gen": count_parameters(net),
         "parameters_source": count_parameters(reference),
-        "prediction_type": loaded.param.prediction_type,
-        "beta_schedule": loaded.param.beta_schedule,
+        "prediction_type": discrete.prediction_type,
+        "beta_schedule": discrete.beta_schedule,
+        "param": type(loaded.param).__name__,
         "ddim_steps": ddim_steps,
     }
     table = sched.alphas_cumprod.clone()
@@ -242,7 +267,7 @@ def conformance(out: str | Path, src: str | Path, batch: int = 4, ddim_steps: in
         loaded.net.to(dtype)
         reference.to(dtype)
         sched.alphas_cumprod = table.to(dtype)  # the same float32 table, held in the compared dtype
-        den, ddim = _compare(loaded, reference, sched, batch, ddim_steps, seed, dtype)
+        den, ddim = _compare(loaded, net, discrete, reference, sched, batch, ddim_steps, seed, dtype)
         report[f"denoiser_max_abs_{tag}"] = den
         report[f"ddim_max_abs_{tag}"] = ddim
     report["faithful"] = bool(
@@ -253,10 +278,11 @@ def conformance(out: str | Path, src: str | Path, batch: int = 4, ddim_steps: in
     return report
 
 
-def _compare(loaded: Any, reference: Any, sched: Any, batch: int, steps: int, seed: int, dtype: torch.dtype) -> tuple:
+def _compare(
+    loaded: Any, net: Any, param: DiscreteVP, reference: Any, sched: Any, batch: int, steps: int, seed: int, dtype: Any
+) -> tuple[float, float]:
+    """(max |D_lit − x̂_ref| over five table timesteps, max |x_lit − x_ref| after the DDIM loop) in ``dtype``."""
     from lit_gen.diffusion.samplers import sample_ddim
-
-    net, param = loaded.net, loaded.param
     kwargs = _call_kwargs(net.model_class)
 
     def ref_model(z: torch.Tensor, t: torch.Tensor, class_labels: Any = None, return_dict: bool = False) -> Any:
