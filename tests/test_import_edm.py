@@ -101,36 +101,54 @@ def _edm_block(sd: dict[str, torch.Tensor], prefix: str, resample: bool) -> Pers
     return block
 
 
-def edm_snapshot(path: Path, net: UNet, label_dim: int, module_src: str = MODULE_SRC, extra: object = None) -> None:
-    """Write ``net`` as an EDM network-snapshot pickle (EDMPrecond(SongUNet DDPM++)) in the persistence format."""
+def edm_snapshot(
+    path: Path, net: UNet, label_dim: int, module_src: str = MODULE_SRC, extra: object = None, arch: dict | None = None
+) -> None:
+    """Write ``net`` as an EDM network-snapshot pickle (EDMPrecond(SongUNet DDPM++)) in the persistence format,
+    with SongUNet's module names (``{res}x{res}_conv``, ``_down``, ``_block{i}``, ``_in0``/``_in1``, ``_up``,
+    ``_aux_norm``/``_aux_conv``) in its construction order."""
+    arch = dict(ARCH if arch is None else arch)
     sd = {k: v.detach() for k, v in net.state_dict().items()}
-    kwargs = {**{k: v for k, v in ARCH.items() if k not in ("adaptive_scale", "channel_mult_emb")}}
+    kwargs = {k: v for k, v in arch.items() if k not in ("adaptive_scale", "channel_mult_emb")}
     kwargs.update(label_dim=label_dim, augment_dim=9, encoder_type="standard", decoder_type="standard",
                   channel_mult_noise=1, resample_filter=[1, 1])  # fmt: skip
+    mc, mult, res0, nb = arch["model_channels"], arch["channel_mult"], arch["img_resolution"], arch["num_blocks"]
     model = Persistent("SongUNet", module_src, _init_args=(), _init_kwargs=kwargs, label_dropout=0)
-    model.map_noise = Persistent("PositionalEmbedding", num_channels=16, max_positions=10000, endpoint=True)
+    model.map_noise = Persistent("PositionalEmbedding", num_channels=mc, max_positions=10000, endpoint=True)
     if label_dim:
         table = _flip(sd["map_label.table.weight"], 1)  # [L + 1, C] in EDM's (sin, cos) order
         bias = table[label_dim]
         weight = ((table[:label_dim] - bias) / math.sqrt(label_dim)).t()
         model.map_label = _layer("Linear", weight=weight, bias=bias)
-    model.map_augment = _layer("Linear", weight=torch.randn(16, 9))  # training-only: unused at sampling
+    model.map_augment = _layer("Linear", weight=torch.randn(mc, 9))  # training-only: unused at sampling
     model.map_layer0 = _layer("Linear", weight=_flip(sd["map_layer0.weight"], 1), bias=sd["map_layer0.bias"])
     model.map_layer1 = _layer("Linear", weight=sd["map_layer1.weight"], bias=sd["map_layer1.bias"])
     model.enc = nn.ModuleDict()
-    model.enc["8x8_conv"] = _layer("Conv2d", weight=sd["conv_in.weight"], bias=sd["conv_in.bias"])
-    for i, name in enumerate(["8x8_block0", "4x4_down", "4x4_block0"]):
+    model.enc[f"{res0}x{res0}_conv"] = _layer("Conv2d", weight=sd["conv_in.weight"], bias=sd["conv_in.bias"])
+    enc_names = []
+    for level in range(len(mult)):
+        res = res0 >> level
+        enc_names += ([f"{res}x{res}_down"] if level else []) + [f"{res}x{res}_block{i}" for i in range(nb)]
+    for i, name in enumerate(enc_names):
         model.enc[name] = _edm_block(sd, f"enc.{i}", resample="down" in name)
     model.dec = nn.ModuleDict()
-    model.dec["4x4_in0"] = _edm_block(sd, "mid.0", False)
-    model.dec["4x4_in1"] = _edm_block(sd, "mid.1", False)
-    for i, name in enumerate(["4x4_block0", "4x4_block1", "8x8_up", "8x8_block0", "8x8_block1"]):
+    low = res0 >> (len(mult) - 1)
+    model.dec[f"{low}x{low}_in0"] = _edm_block(sd, "mid.0", False)
+    model.dec[f"{low}x{low}_in1"] = _edm_block(sd, "mid.1", False)
+    dec_names = []
+    for level in reversed(range(len(mult))):
+        res = res0 >> level
+        dec_names += ([f"{res}x{res}_up"] if level < len(mult) - 1 else []) + [
+            f"{res}x{res}_block{i}" for i in range(nb + 1)
+        ]
+    for i, name in enumerate(dec_names):
         model.dec[name] = _edm_block(sd, f"dec.{i}", resample="up" in name)
-    model.dec["8x8_aux_norm"] = _layer("GroupNorm", weight=sd["out_norm.weight"], bias=sd["out_norm.bias"])
-    model.dec["8x8_aux_conv"] = _layer("Conv2d", weight=sd["out_conv.weight"], bias=sd["out_conv.bias"])
-    precond_kwargs = dict(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False, sigma_data=0.5)
-    precond = Persistent("EDMPrecond", _init_args=(), _init_kwargs=precond_kwargs, img_resolution=8, img_channels=3,
-                         label_dim=label_dim, use_fp16=False, sigma_min=0.0, sigma_max=float("inf"), sigma_data=0.5)  # fmt: skip
+    model.dec[f"{res0}x{res0}_aux_norm"] = _layer("GroupNorm", weight=sd["out_norm.weight"], bias=sd["out_norm.bias"])
+    model.dec[f"{res0}x{res0}_aux_conv"] = _layer("Conv2d", weight=sd["out_conv.weight"], bias=sd["out_conv.bias"])
+    precond_kwargs = dict(img_resolution=res0, img_channels=arch["in_channels"], label_dim=label_dim, use_fp16=False)
+    precond = Persistent("EDMPrecond", _init_args=(), _init_kwargs=precond_kwargs, img_resolution=res0,
+                         img_channels=arch["in_channels"], label_dim=label_dim, use_fp16=False, sigma_min=0.0,
+                         sigma_max=float("inf"), sigma_data=0.5)  # fmt: skip
     precond.model = model
     loss = Persistent("EDMLoss", P_mean=-1.2, P_std=1.2, sigma_data=0.5)
     top = dict(ema=precond, loss_fn=loss, augment_pipe=None, dataset_kwargs=dict(path="cifar10-32x32.zip"))
