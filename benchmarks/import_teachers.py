@@ -100,7 +100,9 @@ def ddpm(out: Path) -> None:
     diffusers.DDPMScheduler(beta_schedule="linear", num_train_timesteps=1000).save_pretrained(folder)
     wall, rss, text = timed_import(str(folder), "--out", str(out / "ddpm_cifar10.safetensors"), "--check")
     report = json.loads((out / "ddpm_cifar10.safetensors.check.json").read_text())
-    print(f"diffusers UNet2DModel (ddpm-cifar10-32 architecture): import + --check {wall:.1f} s, peak RSS {rss:.0f} MiB")
+    print(
+        f"diffusers UNet2DModel (ddpm-cifar10-32 architecture): import + --check {wall:.1f} s, peak RSS {rss:.0f} MiB"
+    )
     print(json.dumps(report))
 
 

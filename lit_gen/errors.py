@@ -165,4 +165,6 @@ def load_restricted_pickle(source, what: str, allowed: dict, limit_bytes: int | 
     except FileNotFoundError:
         raise LitGenError(f"{what} does not exist") from None
     except Exception as err:  # noqa: BLE001 - damaged bytes fail in arbitrary ways
-        raise LitGenError(f"cannot read {what} (truncated or not a pickle?): {type(err).__name__}: {first_line(err)}") from None
+        raise LitGenError(
+            f"cannot read {what} (truncated or not a pickle?): {type(err).__name__}: {first_line(err)}"
+        ) from None

@@ -189,7 +189,8 @@ def test_bad_inputs_are_one_line(eps_teacher: tuple[Path, Path], tmp_path: Path,
     folder, _ = eps_teacher
     out = tmp_path / "o.safetensors"
     (tmp_path / "empty").mkdir()
-    assert "not a diffusers pipeline or model folder" in _one_line_error(capsys, "import", tmp_path / "empty", "--out", out)
+    empty = _one_line_error(capsys, "import", tmp_path / "empty", "--out", out)
+    assert "not a diffusers pipeline or model folder" in empty
     assert "unknown --format" in _one_line_error(capsys, "import", folder, "--out", out, "--format", "ckpt")
     no_sched = tmp_path / "no_sched"
     no_sched.mkdir()

@@ -14,7 +14,6 @@ import math
 import pickle
 import sys
 import types
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest

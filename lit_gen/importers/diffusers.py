@@ -283,6 +283,7 @@ def _compare(
 ) -> tuple[float, float]:
     """(max |D_lit − x̂_ref| over five table timesteps, max |x_lit − x_ref| after the DDIM loop) in ``dtype``."""
     from lit_gen.diffusion.samplers import sample_ddim
+
     kwargs = _call_kwargs(net.model_class)
 
     def ref_model(z: torch.Tensor, t: torch.Tensor, class_labels: Any = None, return_dict: bool = False) -> Any:
