@@ -128,7 +128,7 @@ def load_torch_file(source, what: str, **kwargs):  # type: ignore[no-untyped-def
         ) from None
 
 
-def load_restricted_pickle(source, what: str, allowed: dict, limit_bytes: int | None = None):  # type: ignore[no-untyped-def]
+def load_restricted_pickle(source, what: str, allowed: dict):  # type: ignore[no-untyped-def]
     """Unpickle ``source`` (a path) with a restricted unpickler: every global the pickle names must be a key of
     ``allowed`` (``"module.name" -> the inert object to use instead``), anything else is refused in one line that
     names it. Nothing the pickle names is imported and no code from the file runs: the pickle can only call the
