@@ -6,6 +6,7 @@
     lit-gen export --ckpt PATH --out FILE.safetensors [--weights ema|raw]
     lit-gen eval --ckpt PATH --ref SHARDS [--metric fd|mixture|...] [--steps K ...] [--n N] [--json]
     lit-gen slurm -c RECIPE.yaml [-c OVERLAY.yaml] --nodes N --gpus-per-node G [--time ...] [-- --key value ...]
+    lit-gen import SRC --out TEACHER.safetensors [--format auto|diffusers|edm|edm2|dit] [--check]
     lit-gen quickstart [--out DIR] [--tiny]        lit-gen pipeline -c PIPELINE.yaml [--out DIR] [--tiny]
 
 Training verbs are LightningCLI (recipes are its YAML); the plain tools are argparse. Every user-fixable problem is
@@ -307,6 +308,10 @@ def _tools_parser() -> argparse.ArgumentParser:
     from lit_gen.eval.command import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+
+    from lit_gen.importers.command import add_parser as add_import_parser
+
+    add_import_parser(sub)
 
     for verb, text in (
         ("quickstart", "the main job on built-in digits: shards -> teacher -> TRACT, CD, f-distill -> metrics table"),

@@ -126,3 +126,45 @@ def load_torch_file(source, what: str, **kwargs):  # type: ignore[no-untyped-def
         raise LitGenError(
             f"cannot read {what} (truncated or not a torch file?): {type(err).__name__}: {reason}"
         ) from None
+
+
+def load_restricted_pickle(source, what: str, allowed: dict):  # type: ignore[no-untyped-def]
+    """Unpickle ``source`` (a path) with a restricted unpickler: every global the pickle names must be a key of
+    ``allowed`` (``"module.name" -> the inert object to use instead``), anything else is refused in one line that
+    names it. Nothing the pickle names is imported and no code from the file runs: the pickle can only call the
+    callables of ``allowed`` (which the caller chooses to be data constructors), persistent ids are refused.
+
+    For pickles that are not torch files (NVlabs's ``network-snapshot-*.pkl`` written by ``pickle.dump``);
+    ``load_torch_file`` is the reader for torch files.
+    """
+    import pickle
+
+    class _Refused(pickle.UnpicklingError):
+        pass
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):  # type: ignore[no-untyped-def]
+            key = f"{module}.{name}"
+            if key not in allowed:
+                raise _Refused(key)
+            return allowed[key]
+
+        def persistent_load(self, pid):  # type: ignore[no-untyped-def]
+            raise _Refused(f"persistent id {str(pid)[:60]!r}")
+
+    try:
+        with open(source, "rb") as handle:
+            return _Restricted(handle).load()
+    except _Refused as err:
+        raise LitGenError(
+            f"refusing to load {what}: it asks for {err} when unpickled, which is outside the allowed set "
+            "(only tensors, plain containers and inert records are rebuilt)"
+        ) from None
+    except LitGenError:
+        raise
+    except FileNotFoundError:
+        raise LitGenError(f"{what} does not exist") from None
+    except Exception as err:  # noqa: BLE001 - damaged bytes fail in arbitrary ways
+        raise LitGenError(
+            f"cannot read {what} (truncated or not a pickle?): {type(err).__name__}: {first_line(err)}"
+        ) from None

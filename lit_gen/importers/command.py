@@ -1,0 +1,107 @@
+"""``lit-gen import SRC --out TEACHER.safetensors [--format auto|diffusers|edm|edm2|dit] [--check]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from lit_gen.errors import LitGenError
+
+FORMATS: dict[str, str] = {
+    "auto": "a folder is diffusers, a .pkl is edm",
+    "diffusers": "a diffusers pipeline folder (model_index.json) or a model folder + scheduler config",
+    "edm": "an NVlabs EDM network-snapshot .pkl (DDPM++ nets), read without running the pickle",
+    "edm2": "NVlabs EDM2 .pkl: refused (its magnitude-preserving U-Net has no lit_gen counterpart yet)",
+    "dit": "facebookresearch DiT/SiT .pt state dicts: refused (not mapped yet)",
+}
+
+
+def detect_format(src: Path) -> str:
+    if src.is_dir():
+        return "diffusers"
+    if src.suffix == ".pkl":
+        return "edm"
+    if src.suffix in (".pt", ".pth"):
+        return "dit"
+    raise LitGenError(
+        f"cannot tell the format of {src}; pass --format ({', '.join(f for f in FORMATS if f != 'auto')})"
+    )
+
+
+def run_import(
+    src: str | Path, out: str | Path, fmt: str = "auto", check: bool = False, param: str = "native"
+) -> dict[str, Any]:
+    """Import ``src`` into ``out``; with ``check`` also write the conformance report beside it (``OUT.check.json``)
+    a grid of samples at the teacher's default sampler (``OUT.samples.png``), and fail when the imported denoiser
+    differs from the source beyond round-off."""
+    src = Path(src)
+    if fmt not in FORMATS:
+        raise LitGenError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not src.exists():
+        raise LitGenError(f"{src} does not exist")
+    fmt = detect_format(src) if fmt == "auto" else fmt
+    if fmt == "diffusers":
+        from lit_gen.importers import diffusers as importer
+
+        report = importer.import_diffusers(src, out, param)
+    elif fmt == "edm":
+        from lit_gen.importers import edm_pickle as importer  # type: ignore[no-redef]
+
+        report = importer.import_edm(src, out)
+    elif fmt == "edm2":
+        raise LitGenError(
+            "EDM2 pickles are not imported: EDM2's magnitude-preserving U-Net (normalised weights, MP-SiLU, "
+            "MP-add) has no lit_gen network yet"
+        )
+    else:
+        from lit_gen.errors import load_torch_file
+        from lit_gen.importers.diffusers import state_dict_of
+
+        state_dict_of(load_torch_file(src, f"state dict {src}"), src)  # a .pt that is no state dict: its own line
+        raise LitGenError(f"{src}: DiT/SiT .pt state dicts are not mapped yet; convert it to a diffusers folder first")
+    if check:
+        result = importer.conformance(out, src)
+        Path(str(out) + ".check.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["samples"] = str(_sample_grid(out))
+        report["check"] = result
+        if not result.get("faithful", True):
+            raise LitGenError(f"the imported teacher differs from {src}: {json.dumps(result)}")
+    return report
+
+
+def _sample_grid(out: str | Path, n: int = 16, steps: int = 10) -> Path:
+    """A grid of ``n`` samples of the imported teacher at its default sampler, ``OUT.samples.png``."""
+    from lit_gen.export import load_model
+    from lit_gen.viz import samples_picture, save_png
+
+    model = load_model(out)
+    samples = model.sample(n, steps=steps)
+    return save_png(samples_picture(samples, model.data_info["kind"]), str(out) + ".samples.png")
+
+
+def _cmd_import(ns: argparse.Namespace) -> None:
+    report = run_import(ns.src, ns.out, ns.format, ns.check, ns.param)
+    print(
+        f"imported {ns.src} ({report.get('model_class', '')}, {report['parameters']:,} parameters) to {ns.out} "
+        f"in {report['seconds']:.1f}s"
+    )
+    if "check" in report:
+        print(json.dumps(report["check"], indent=2))
+
+
+def add_parser(sub: Any) -> None:
+    """The ``import`` verb on the tool parser's sub-parsers."""
+    p = sub.add_parser("import", help="a public teacher (diffusers folder, EDM .pkl) -> a lit_gen .safetensors")
+    p.add_argument("src", help="diffusers pipeline/model folder, or an EDM network-snapshot .pkl")
+    p.add_argument("--out", required=True, help="TEACHER.safetensors")
+    p.add_argument("--format", default="auto", help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+    p.add_argument(
+        "--param",
+        default="native",
+        help="diffusers only: native (the teacher's own timestep table; default) or edm (the same denoiser behind "
+        "EDM preconditioning, for consistency distillation)",
+    )
+    p.add_argument("--check", action="store_true", help="compare with the source and write OUT.check.json")
+    p.set_defaults(func=_cmd_import)
