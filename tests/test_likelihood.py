@@ -61,7 +61,7 @@ def test_elbo_of_the_exact_gaussian_model_matches_its_closed_form() -> None:
     mu, s2 = torch.tensor([0.3, -0.2], dtype=torch.float64), 0.05
     cov = s2 * torch.eye(2, dtype=torch.float64)
     denoise, _, _ = gaussian_denoiser(mu, cov)
-    y = _data(8000, mu, cov, seed=0)
+    y = _data(5000, mu, cov, seed=0)
     estimate = negative_elbo(
         denoise, y, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, generator=torch.Generator().manual_seed(1)
     )
@@ -84,7 +84,7 @@ def test_pf_ode_nll_of_the_exact_gaussian_model_matches_its_closed_form(trace: s
     a = torch.randn(4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     cov = 0.1 * a @ a.T / 4 + 0.01 * torch.eye(4, dtype=torch.float64)  # full covariance: Hutchinson has variance
     denoise, evals, evecs = gaussian_denoiser(mu, cov)
-    y = _data(2000, mu, cov, seed=3)
+    y = _data(1000, mu, cov, seed=3)
     nll = pf_ode_nll(
         denoise,
         y,
@@ -100,7 +100,7 @@ def test_pf_ode_nll_of_the_exact_gaussian_model_matches_its_closed_form(trace: s
         assert diff.abs().max().item() < 5e-3  # RK4's discretisation error, per sample
     else:
         se = diff.std().item() / math.sqrt(len(y))
-        assert 0 < se < 0.05 and abs(diff.mean().item()) < 4 * se + 0.03
+        assert 0 < se < 0.1 and abs(diff.mean().item()) < 4 * se + 0.03
     # And both are the data's true cross-entropy up to the σ_min smoothing (entropy of N(μ, Σ)).
     entropy = 0.5 * torch.logdet(2 * math.pi * math.e * cov).item()
     assert abs(exact.mean().item() - entropy) < 0.1
@@ -110,19 +110,23 @@ def test_elbo_is_not_below_the_nll_and_both_bound_the_entropy() -> None:
     mu, s2 = torch.tensor([1.0, 0.0], dtype=torch.float64), 0.02
     cov = s2 * torch.eye(2, dtype=torch.float64)
     denoise, evals, evecs = gaussian_denoiser(mu, cov)
-    y = _data(20000, mu, cov, seed=4)
+    y = _data(4000, mu, cov, seed=4)
     entropy = 0.5 * torch.logdet(2 * math.pi * math.e * cov).item()
     elbo = closed_form_elbo(y, mu, s2).mean().item()
     nll = closed_form_nll(y, mu, evals, evecs).mean().item()
-    elbo_mc = negative_elbo(denoise, y, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX).mean().item()
-    nll_ode = pf_ode_nll(denoise, y, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX).mean().item()
+    assert elbo >= nll >= entropy - 0.03  # 0.03: sampling noise of 4000 points
+    # The exact model's gap is the decoder's smoothing: ½ ln(1 + σ_min²/s²) per dim, up to the prior mismatch.
+    assert elbo - nll == pytest.approx(2 * 0.5 * math.log(1 + SIGMA_MIN**2 / s2), abs=2e-3)
+    # Estimated: a decoder of width 0.05 makes the gap (0.12 nats) larger than the ELBO's Monte Carlo error.
+    wide = {"sigma_min": 0.05, "sigma_max": SIGMA_MAX}
+    elbo_mc = negative_elbo(denoise, y, **wide, generator=torch.Generator().manual_seed(0))
+    nll_ode = pf_ode_nll(denoise, y, **wide)
+    se = elbo_mc.std().item() / math.sqrt(len(y))
+    assert elbo_mc.mean().item() - nll_ode.mean().item() > 0.12 - 4 * se > 0
+    assert abs(nll_ode.mean().item() - entropy) < 0.07
     heun = pf_ode_nll(denoise, y[:2000], sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, steps=128, solver="heun")
     rk4 = pf_ode_nll(denoise, y[:2000], sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
     assert (heun - rk4).abs().mean().item() < 0.03  # two solvers, one flow
-    assert elbo >= nll and elbo_mc >= nll_ode
-    # The exact model's gap is the decoder's smoothing: ½ ln(1 + σ_min²/s²) per dim, up to the prior mismatch.
-    assert elbo - nll == pytest.approx(2 * 0.5 * math.log(1 + SIGMA_MIN**2 / s2), abs=2e-3)
-    assert abs(nll_ode - entropy) < 0.05  # sampling noise of 20000 points, not a bias
 
 
 def test_bad_arguments_are_one_line_errors() -> None:
