@@ -1,14 +1,14 @@
 """One weighting axis for every teacher loss: w(λ) and p(λ) over log-SNR λ (Kingma & Gao 2023).
 
 Kingma & Gao 2023, "Understanding Diffusion Objectives as the ELBO in Simple Data Augmentation", write every
-diffusion loss as a weighted integral over λ = log SNR = log(α²/σ²) (their eq. 8 with the change of variables of
-eq. 11 / 12):
+diffusion loss as a weighted integral over λ = log SNR = log(α²/σ²) (their weighted loss after the change of
+variables from t to λ; equation numbers below follow the arXiv v1 numbering and are [unverified]):
 
     L_w(x) = ½ E_{ε ~ N(0, I), λ ~ p(λ)} [ w(λ) / p(λ) · ‖ε̂_θ(z_λ; λ) − ε‖² ],     z_λ = α_λ x + σ_λ ε,
 
 where w(λ) is the *weighting* and p(λ) the *noise distribution* (importance distribution of λ; p(λ) = −dt/dλ for
-the time-uniform schedules of their eq. 11). w ≡ 1 is the VLB (ELBO) of VDM (Kingma et al. 2021, eq. 17 in λ form);
-their Theorem 1 / Sec. 4: when w(λ) is monotone (non-increasing in λ, i.e. non-decreasing in t), L_w is the ELBO of
+the time-uniform schedules). w ≡ 1 is the VLB (ELBO) of VDM (Kingma et al. 2021, eq. 17 in λ form);
+their main result (Sec. 4): when w(λ) is monotone (non-increasing in λ, i.e. non-decreasing in t), L_w is the ELBO of
 the data augmented with Gaussian noise, up to a constant. Table 1 of the paper writes the usual losses as weightings:
 ε-MSE with the cosine schedule has w = p_cos(λ) (not monotone), v-MSE with the cosine schedule w = e^{−λ/2}/(2a)
 (monotone), EDM w = p_EDM(λ) (e^{−λ} + σ_d²)/σ_d² (not monotone), and their proposal w = sigmoid(b − λ).
@@ -90,7 +90,7 @@ class LogNormalSigma(NoiseSchedule):
 
 class CosineT(NoiseSchedule):
     """t ~ U(0, 1), λ = −2 ln tan(a t + b) (the VP cosine schedule of ``vp.logsnr_cosine``), whose density is
-    p(λ) = −dt/dλ = sech(λ/2) / (4a) on [λ_min, λ_max] (Kingma & Gao 2023, eq. 11 and Table 1; a = π/2 for the
+    p(λ) = −dt/dλ = sech(λ/2) / (4a) on [λ_min, λ_max] (Kingma & Gao 2023, Table 1; a = π/2 for the
     untruncated cosine schedule gives their sech(λ/2)/(2π)).
 
     Args:
@@ -147,7 +147,7 @@ class UniformLogSNR(NoiseSchedule):
 
 
 class AdaptiveLogSNR(nn.Module, NoiseSchedule):
-    """Adaptive noise distribution (Kingma & Gao 2023, Sec. 5.2 "adaptive noise schedule"; Appendix F): p(λ) is a
+    """Adaptive noise distribution (Kingma & Gao 2023, Sec. 5.2 "adaptive noise schedule"; its appendix): p(λ) is a
     piecewise-constant density over ``bins`` equal λ bins, proportional to an exponential moving average of the
     loss integrand w(λ)·‖ε − ε̂‖² measured in each bin — the importance distribution that minimises the variance of
     the loss estimate — mixed with ``uniform`` of the uniform density so that every λ keeps being sampled.
@@ -259,7 +259,7 @@ class WeightingSpec:
 
 WEIGHTINGS: dict[str, WeightingSpec] = {
     "elbo": WeightingSpec(
-        "w(λ) = 1: the VLB of VDM (Kingma et al. 2021, eq. 17; Kingma & Gao 2023, eq. 8)", True, None
+        "w(λ) = 1: the VLB of VDM (Kingma et al. 2021, eq. 17; Kingma & Gao 2023, Sec. 3)", True, None
     ),
     "eps": WeightingSpec(
         "w(λ) = p_cos(λ) = sech(λ/2)/(4a): ε-MSE ‖ε̂ − ε‖² under the cosine schedule (DDPM's L_simple, Ho et al. 2020 "
@@ -286,7 +286,7 @@ WEIGHTINGS: dict[str, WeightingSpec] = {
         "edm",
     ),
     "sigmoid": WeightingSpec(
-        "w(λ) = sigmoid(b − λ), b = weighting_bias (Kingma & Gao 2023, Sec. 5 and eq. 27; b = −2 on ImageNet 64)",
+        "w(λ) = sigmoid(b − λ), b = weighting_bias (Kingma & Gao 2023, Sec. 5; the issue's example uses b = −2)",
         True,
         None,
     ),
@@ -348,7 +348,7 @@ class Weighting(Configurable):
         raise ValueError(f"the {self.name} weighting has no native schedule")
 
     def log_w(self, lam: Tensor) -> Tensor:
-        """log w(λ) (Kingma & Gao 2023, Table 1 / eq. 27)."""
+        """log w(λ) (Kingma & Gao 2023, Table 1 and Sec. 5)."""
         if self.name == "elbo":
             return torch.zeros_like(lam)
         if self.name == "sigmoid":
@@ -439,7 +439,7 @@ def weighted_loss(
     *,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample w(λ)/p(λ) · mean(ε̂ − ε)² with λ ~ ``schedule`` (Kingma & Gao 2023, eq. 8 in λ; see the module
+    """Per-sample w(λ)/p(λ) · mean(ε̂ − ε)² with λ ~ ``schedule`` (Kingma & Gao 2023, the weighted loss in λ; see the module
     docstring for the ½ and the mean over dims). λ is drawn first, then ε, both with ``generator`` when given — the
     order of ``EDM.loss`` and ``VP.loss``.
 
