@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lit_gen.data.builtin import TOY2D
-from lit_gen.diffusion import EDM
+from lit_gen.diffusion import EDM, VP
 from lit_gen.errors import LitGenError
 from lit_gen.eval.command import add_parser
 from lit_gen.eval.likelihood import LikelihoodOptions, likelihood_scores
@@ -33,10 +33,12 @@ class ZeroNet(nn.Module):
         return torch.zeros_like(x)
 
 
-def zero_model(info: dict, method: str = "teacher", grid: list[float] | None = None) -> LoadedModel:
+def zero_model(
+    info: dict, method: str = "teacher", grid: list[float] | None = None, param: EDM | VP | None = None
+) -> LoadedModel:
     sampling = {"sampler": "heun", "steps": 18, **({"grid": grid} if grid else {})}
     description = {"method": method, "data": info, "sampling": sampling}
-    return LoadedModel(net=ZeroNet(), param=EDM(sigma_data=0.5), description=description)
+    return LoadedModel(net=ZeroNet(), param=param or EDM(sigma_data=0.5), description=description)
 
 
 def points_info(shift: list[float], scale: float) -> dict:
@@ -60,6 +62,17 @@ def test_points_are_nats_per_dim_in_data_units_and_scaling_shifts_by_log_c() -> 
         assert results[c]["elbo"] >= results[c]["nll"] - 0.01
     for key in ("elbo", "nll"):
         assert results[10.0][key] - results[1.0][key] == pytest.approx(math.log(10.0), abs=1e-4)
+
+
+def test_a_vp_teacher_has_a_likelihood_too() -> None:
+    # VP v-prediction with v̂ ≡ 0: x̂ = α z = x / (1 + σ²), the exact denoiser of N(0, I) in model space.
+    z = torch.randn(3000, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    info = points_info([1.0, 2.0], 3.0)
+    raw = (torch.tensor([1.0, 2.0], dtype=torch.float64) + 3.0 * z).float()
+    model = zero_model(info, param=VP(prediction="v"))
+    scores = likelihood_scores(model, raw, None, ["elbo", "nll"], options=LikelihoodOptions(sigma_min=0.05))
+    entropy = 0.5 * math.log(2 * math.pi * math.e * 9.0)
+    assert abs(scores["nll"] - entropy) < 0.05 and scores["elbo"] >= scores["nll"] - 0.01
 
 
 def test_images_are_bits_per_dim_on_the_8_bit_scale_with_uniform_dequantisation() -> None:

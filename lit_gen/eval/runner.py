@@ -253,7 +253,7 @@ class Evaluator:
             likelihood = likelihood_scores(
                 loaded,
                 self.reference[:n],
-                self.reference_labels[:n],
+                self.reference_labels[:n] if self.info.get("num_classes") else None,
                 wanted,
                 options=self.likelihood,
                 seed=seed,
