@@ -44,7 +44,7 @@ class TeacherDiffusion(GenerativeMethod):
         weighting: the loss weighting w(λ) over log-SNR λ (Kingma & Gao 2023; ``lit_gen.diffusion.weighting``):
             elbo, eps, v, snr_trunc, edm or sigmoid. None (default) with ``noise_schedule`` None keeps the
             parameterisation's own loss (``EDM.loss`` / ``VP.loss``) unchanged.
-        weighting_bias: b of the ``sigmoid`` weighting w(λ) = sigmoid(b − λ) (Kingma & Gao use b = −2).
+        weighting_bias: b of the ``sigmoid`` weighting w(λ) = sigmoid(b − λ); larger b weights low noise more.
         noise_schedule: the distribution p(λ) of training noise levels: edm (log-normal σ), cosine (uniform t),
             uniform (uniform λ) or adaptive (p(λ) tracking the loss per λ bin). None: the parameterisation's own
             (EDM: edm, VP: cosine).
