@@ -1,5 +1,6 @@
 """Evaluation: Fréchet distance with pluggable feature networks (raw values, lit_gen's digits classifier, local
-Inception-v3 weights), precision/recall, Inception score, exact metrics of the built-in 2-D mixtures, and the loop
+Inception-v3 weights), precision/recall, Inception score, exact metrics of the built-in 2-D mixtures, a teacher's
+ELBO and probability-flow NLL of the reference data (``likelihood``), and the loop
 that samples a model at several step counts and scores it against reference shards (``lit-gen eval``).
 
 Names are imported lazily (PEP 562), so ``lit_gen.eval.command`` can build the CLI parser without importing torch.
@@ -21,6 +22,8 @@ _EXPORTS = {
     "inception_score": "metrics",
     "mixture_of": "metrics",
     "read_reference": "reference",
+    "LikelihoodOptions": "likelihood",
+    "likelihood_scores": "likelihood",
     "METRICS": "runner",
     "Evaluator": "runner",
     "default_metrics": "runner",

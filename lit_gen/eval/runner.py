@@ -28,6 +28,7 @@ from lit_gen.data.builtin import mixture_metrics
 from lit_gen.diffusion import SAMPLERS
 from lit_gen.errors import LitGenError
 from lit_gen.eval.features import default_features, feature_network
+from lit_gen.eval.likelihood import LIKELIHOOD_METRICS, LikelihoodOptions, likelihood_scores
 from lit_gen.eval.metrics import (
     ClassifierTwoSampleTest,
     FrechetDistance,
@@ -85,6 +86,14 @@ METRICS: dict[str, MetricSpec] = {
         None,
         ("c2st",),
     ),
+    "elbo": MetricSpec(
+        "negative ELBO of the reference data (teachers; nats/dim in data units for points, bits/dim for images)",
+        None,
+        ("elbo",),
+    ),
+    "nll": MetricSpec(
+        "exact NLL of the reference data by the probability-flow ODE (teachers; same units as elbo)", None, ("nll",)
+    ),
 }
 
 
@@ -113,6 +122,7 @@ class Evaluator:
         device: Where feature networks run.
         inception_weights: Path of the FID Inception weights (else ``$LIT_GEN_INCEPTION_WEIGHTS`` or the cache).
         seed: Seed of the Inception score's split shuffle.
+        likelihood: settings of the ``elbo`` / ``nll`` metrics (``lit_gen.eval.likelihood.LikelihoodOptions``).
     """
 
     def __init__(
@@ -123,9 +133,11 @@ class Evaluator:
         device: str | torch.device = "cpu",
         inception_weights: str | Path | None = None,
         seed: int = 0,
+        likelihood: LikelihoodOptions | None = None,
     ) -> None:
         self.ref = str(ref)
-        self.reference, _, self.info = read_reference(ref, n_ref or DEFAULT_MAX_REF)
+        self.reference, self.reference_labels, self.info = read_reference(ref, n_ref or DEFAULT_MAX_REF)
+        self.likelihood = likelihood
         self.device = torch.device(device)
         self.seed = seed
         self.mixture = mixture_of(self.info)
@@ -267,11 +279,28 @@ class Evaluator:
         self.check(loaded.description.get("data"), where)
         n = n or self.default_n()
         defaults = loaded.description.get("sampling", {})
+        # Likelihood metrics score the reference under the model: once per model, the same in every row.
+        wanted = [m for m in self.metrics if m in LIKELIHOOD_METRICS]
+        likelihood = {}
+        if wanted:
+            likelihood = likelihood_scores(
+                loaded,
+                self.reference[:n],
+                self.reference_labels[:n] if self.info.get("num_classes") else None,
+                wanted,
+                options=self.likelihood,
+                seed=seed,
+                device=device or self.device,
+                where=where,
+            )
+        sampled = any(m not in LIKELIHOOD_METRICS for m in self.metrics)
         rows = []
         for k in list(steps) if steps else [None]:
             k_used = int(k or defaults.get("steps", 18))
             sampler_used = sampler or defaults.get("sampler", "heun")
-            samples = loaded.sample(n, steps=k_used, sampler=sampler_used, seed=seed, device=device or self.device)
+            samples = None
+            if sampled:
+                samples = loaded.sample(n, steps=k_used, sampler=sampler_used, seed=seed, device=device or self.device)
             row: dict[str, Any] = {
                 "model": where,
                 "method": loaded.description.get("method", "?"),
@@ -280,7 +309,9 @@ class Evaluator:
                 "nfe": SAMPLERS[sampler_used].nfe(k_used),
                 "n": n,
             }
-            row.update(self.score(samples))
+            if samples is not None:
+                row.update(self.score(samples))
+            row.update(likelihood)
             rows.append(row)
         return rows
 
@@ -297,10 +328,17 @@ def evaluate(
     n_ref: int | None = None,
     device: str = "cpu",
     inception_weights: str | Path | None = None,
+    likelihood: LikelihoodOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Score one model file against reference shards (see ``Evaluator`` and ``Evaluator.evaluate``)."""
     evaluator = Evaluator(
-        ref_shards, metrics, n_ref=n_ref, device=device, inception_weights=inception_weights, seed=seed
+        ref_shards,
+        metrics,
+        n_ref=n_ref,
+        device=device,
+        inception_weights=inception_weights,
+        seed=seed,
+        likelihood=likelihood,
     )
     return evaluator.evaluate(model_path, steps=steps, n=n, seed=seed, sampler=sampler, weights=weights)
 

@@ -17,6 +17,15 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from lit_gen.diffusion import EDM, VP
+from lit_gen.diffusion.weighting import (
+    WEIGHTINGS,
+    AdaptiveLogSNR,
+    build_schedule,
+    build_weighting,
+    describe_objective,
+    native_objective,
+    weighted_loss,
+)
 from lit_gen.errors import LitGenError
 from lit_gen.methods.base import GenerativeMethod
 
@@ -32,6 +41,15 @@ class TeacherDiffusion(GenerativeMethod):
         decay_steps: linear learning-rate decay to 0 at this step (0 = constant after the warm-up, as EDM).
         label_dropout: probability of replacing a label by the null class (classifier-free guidance training;
             0.1-0.2 is usual). Needs a class-conditional network.
+        weighting: the loss weighting w(λ) over log-SNR λ (Kingma & Gao 2023; ``lit_gen.diffusion.weighting``):
+            elbo, eps, v, snr_trunc, edm or sigmoid. None (default) with ``noise_schedule`` None keeps the
+            parameterisation's own loss (``EDM.loss`` / ``VP.loss``) unchanged.
+        weighting_bias: b of the ``sigmoid`` weighting w(λ) = sigmoid(b − λ); larger b weights low noise more.
+        noise_schedule: the distribution p(λ) of training noise levels: edm (log-normal σ), cosine (uniform t),
+            uniform (uniform λ) or adaptive (p(λ) tracking the loss per λ bin). None: the parameterisation's own
+            (EDM: edm, VP: cosine).
+        adaptive_bins: number of λ bins of the ``adaptive`` noise schedule.
+        adaptive_momentum: EMA momentum of the ``adaptive`` noise schedule's per-bin statistic.
     """
 
     method_name = "teacher"
@@ -44,6 +62,11 @@ class TeacherDiffusion(GenerativeMethod):
         warmup_steps: int = 0,
         decay_steps: int = 0,
         label_dropout: float = 0.0,
+        weighting: str | None = None,
+        weighting_bias: float = 0.0,
+        noise_schedule: str | None = None,
+        adaptive_bins: int = 32,
+        adaptive_momentum: float = 0.99,
     ) -> None:
         super().__init__(net=net, param=param, optimizer=optimizer, warmup_steps=warmup_steps, decay_steps=decay_steps)
         if not 0.0 <= label_dropout < 1.0:
@@ -51,6 +74,30 @@ class TeacherDiffusion(GenerativeMethod):
         if label_dropout > 0 and self.num_classes == 0:
             raise LitGenError("label_dropout > 0 needs a class-conditional network (net num_classes > 0)")
         self.label_dropout = label_dropout
+        if weighting is not None and weighting not in WEIGHTINGS:
+            raise LitGenError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        self.weighting = None
+        self.noise_schedule = None
+        if weighting is not None or noise_schedule is not None:
+            own_weighting, own_schedule = native_objective(self.param)
+            self.weighting = build_weighting(weighting or own_weighting, self.param, weighting_bias)
+            # An nn.Module schedule (adaptive) is a submodule: its buffers are saved with the checkpoint.
+            self.noise_schedule = build_schedule(
+                noise_schedule or own_schedule, self.param, bins=adaptive_bins, momentum=adaptive_momentum
+            )
+
+    def loss(
+        self, y: torch.Tensor, label: torch.Tensor | None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Per-sample loss: the parameterisation's own, or the weighted loss of ``weighting``/``noise_schedule``."""
+        if self.weighting is None:
+            return self.param.loss(self.net, y, label, generator=generator)
+        loss, lam, integrand = weighted_loss(
+            self.param, self.net, y, label, self.weighting, self.noise_schedule, generator=generator
+        )
+        if self.training and isinstance(self.noise_schedule, AdaptiveLogSNR):
+            self.noise_schedule.update(lam, integrand)
+        return loss
 
     def labels_for_training(self, label: torch.Tensor | None) -> torch.Tensor | None:
         """Class labels with CFG dropout to the null class ``num_classes``; None for unconditional nets."""
@@ -64,7 +111,7 @@ class TeacherDiffusion(GenerativeMethod):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         y = batch["x"]
         label = self.labels_for_training(batch.get("label"))
-        loss = self.param.loss(self.net, y, label).mean()
+        loss = self.loss(y, label).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
         return loss
 
@@ -73,7 +120,7 @@ class TeacherDiffusion(GenerativeMethod):
         y = batch["x"]
         label = batch.get("label") if self.num_classes else None
         generator = torch.Generator(device=y.device).manual_seed(batch_idx)
-        loss = self.param.loss(self.net, y, label, generator=generator).mean()
+        loss = self.loss(y, label, generator=generator).mean()
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=y.shape[0], sync_dist=True)
         return loss
 
@@ -86,4 +133,6 @@ class TeacherDiffusion(GenerativeMethod):
     def describe(self) -> dict[str, Any]:
         section = super().describe()
         section["label_dropout"] = self.label_dropout
+        if self.weighting is not None:
+            section["objective"] = describe_objective(self.weighting, self.noise_schedule)
         return section
