@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lit_gen.diffusion.broadcast import append_dims, compute_dtype
+from lit_gen.diffusion.trigflow import math_attention
 from lit_gen.errors import LitGenError
 from lit_gen.spec import Configurable
 
@@ -121,7 +122,8 @@ def average_velocity_tangent(
     (FastGen's fallback), the primal a third evaluation. Run under ``torch.no_grad`` (the target is stop-gradient).
     """
     if mode == "autograd":
-        return torch.func.jvp(fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        with math_attention():
+            return torch.func.jvp(fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
     if mode == "finite":
         tb = torch.full_like(t, eps)
         plus, minus = fn(z + eps * v, r, t + tb), fn(z - eps * v, r, t - tb)

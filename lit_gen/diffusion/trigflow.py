@@ -29,6 +29,7 @@ NVlabs/FastGen does — the same objective. t is proposed as tan t = e^τ/σ_d, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -201,6 +202,14 @@ class TrigFlow(Configurable):
 
 
 # --------------------------------------------------------------------------------------------- the tangent
+def math_attention() -> contextlib.AbstractContextManager[None]:
+    """``scaled_dot_product_attention`` on its math backend: the fused CUDA kernels (flash, memory-efficient, cuDNN)
+    have no forward-mode AD (flash-attention #1672, pytorch #165530), the math one does (FastGen does the same)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def jvp_time_derivative(
     fn: TrigNet,
     x_in: Tensor,
@@ -218,7 +227,8 @@ def jvp_time_derivative(
     the primal then is a third, plain evaluation. Run under ``torch.no_grad`` for a stop-gradient target.
     """
     if mode == "autograd":
-        return torch.func.jvp(fn, (x_in, t), (dx_in, dt))
+        with math_attention():
+            return torch.func.jvp(fn, (x_in, t), (dx_in, dt))
     if mode == "finite":
         tb = dt * eps
         xb = dx_in * eps
