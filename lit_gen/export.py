@@ -131,8 +131,8 @@ class LoadedModel:
     def denoiser(self, guidance: float = 1.0, bad: LoadedModel | None = None) -> Any:
         """``D(x, sigma, label)``; with ``guidance != 1`` classifier-free guided (or autoguided by ``bad``)."""
 
-        def base(x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
-            return self.param.denoise(self.net, x, sigma, label)
+        def base(x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor | None, **kw: Any) -> torch.Tensor:
+            return self.param.denoise(self.net, x, sigma, label, **kw)  # kw: MeanFlow's jump target r
 
         if bad is not None:
             return AutoGuidanceDenoiser(base, bad.denoiser(), guidance)
@@ -171,6 +171,15 @@ class LoadedModel:
             raise LitGenError(f"--n must be at least 1, got {n}")
         if label is not None and not 0 <= label < max(self.num_classes, 1):
             raise LitGenError(f"--label {label} is out of range for a model with {self.num_classes} classes")
+        if (sampler == "meanflow") != (getattr(self.param, "kind", "") == "meanflow"):
+            raise LitGenError(
+                "the meanflow sampler goes with MeanFlow models only (flow coordinates); this model is "
+                f"{self.description.get('method', '?')}: use its own sampler"
+                if sampler == "meanflow"
+                else f"a MeanFlow model samples with the meanflow sampler, not {sampler!r}"
+            )
+        if sampler == "meanflow" and guidance != 1.0:
+            raise LitGenError("MeanFlow folds guidance into training (cfg_scale); sample it with --guidance 1")
         self.net.to(device).eval()
         shape = list(self.data_info["shape"])
         denoiser = self.denoiser(guidance)

@@ -32,7 +32,9 @@ class Configurable:
     """Mixin: records the arguments of the most-derived ``__init__`` in ``self.init_args`` (plain JSON data).
 
     Subclasses need no boilerplate; ``describe(obj)`` then returns the spec that ``build`` turns back into an
-    equal object. Arguments must be plain data (numbers, strings, bools, None, lists/tuples/dicts of those).
+    equal object. Arguments named in a class's ``omit_when_default`` are recorded only when they differ from their
+    default (options added after files were written keep those files' specs unchanged).
+    Arguments must be plain data (numbers, strings, bools, None, lists/tuples/dicts of those).
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -49,6 +51,11 @@ class Configurable:
                 bound = signature.bind(self, *args, **kw)
                 bound.apply_defaults()
                 recorded = {k: _plain(v) for k, v in list(bound.arguments.items())[1:]}
+                for name in getattr(cls, "omit_when_default", ()):
+                    # an argument added later (a net's second time input) stays out of the spec while it is off,
+                    # so the files written before it describe the same object as before
+                    if name in recorded and recorded[name] == signature.parameters[name].default:
+                        del recorded[name]
                 original(self, *args, **kw)
                 object.__setattr__(self, "init_args", recorded)
             else:

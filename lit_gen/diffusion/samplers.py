@@ -16,6 +16,7 @@ from torch import Tensor
 from lit_gen.diffusion.broadcast import compute_dtype
 from lit_gen.diffusion.consistency import sample_consistency
 from lit_gen.diffusion.grids import karras_sigmas
+from lit_gen.diffusion.meanflow import sample_meanflow
 from lit_gen.errors import LitGenError
 
 Denoiser = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -119,6 +120,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
         lambda steps: steps,
         "multistep consistency sampling, CM Alg. 1: f at each σ point, fresh noise in between",
         stochastic=True,
+    ),
+    "meanflow": SamplerSpec(
+        sample_meanflow,
+        lambda steps: steps,
+        "MeanFlow jumps z_r = z_t − (t − r) u(z_t, r, t) on a flow-time grid from t = 1 (Geng et al. 2025, Alg. 2)",
     ),
 }
 

@@ -18,7 +18,13 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
 
 from lit_gen.errors import LitGenError
-from lit_gen.nets.embed import LabelEmbedding, PositionalEmbedding, noise_embedding, noise_vector
+from lit_gen.nets.embed import (
+    AuxTimeEmbedding,
+    LabelEmbedding,
+    PositionalEmbedding,
+    noise_embedding,
+    noise_vector,
+)
 from lit_gen.spec import Configurable
 
 NOISE_FREQ_CHANNELS = 256  # width of the sinusoidal noise features before the MLP (DiT's frequency_embedding_size)
@@ -74,7 +80,11 @@ class DiT(Configurable, nn.Module):
         num_classes: Number of classes for class conditioning; 0 = unconditional (labels are ignored).
         dropout: Dropout probability after the attention projection and in the MLP (the paper uses none).
         embedding_type: Noise-level features before the embedding MLP, "positional" or "fourier".
+        aux_time: Take a second time input ``c_aux`` (MeanFlow's t − r) through a zero-initialised embedding
+            (``embed.AuxTimeEmbedding``) added to the conditioning vector; off by default.
     """
+
+    omit_when_default = ("aux_time",)
 
     def __init__(
         self,
@@ -89,6 +99,7 @@ class DiT(Configurable, nn.Module):
         num_classes: int = 0,
         dropout: float = 0.0,
         embedding_type: str = "positional",
+        aux_time: bool = False,
     ) -> None:
         super().__init__()
         if img_resolution % patch_size:
@@ -120,6 +131,8 @@ class DiT(Configurable, nn.Module):
         self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.final_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self._init_weights()
+        # Built last (after the init above): a net without it draws the same initial weights as before it existed.
+        self.map_aux = AuxTimeEmbedding(embedding_type, NOISE_FREQ_CHANNELS, hidden_size) if aux_time else None
 
     def _init_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linears, N(0, 0.02) noise MLP, zero adaLN and final layer."""
@@ -137,9 +150,11 @@ class DiT(Configurable, nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def _condition(self, x: Tensor, c_noise: Tensor, label: Tensor | None) -> Tensor:
+    def _condition(self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None = None) -> Tensor:
         freqs = self.map_noise(noise_vector(c_noise, x.shape[0], x.device))
         c = self.t_embedder(freqs.to(self.t_embedder[0].weight.dtype))
+        if self.map_aux is not None:
+            c = c + self.map_aux(c_aux, x.shape[0], x.device)
         if self.y_embedder is not None:
             c = c + self.y_embedder(label, x.shape[0])
         return c
@@ -150,10 +165,10 @@ class DiT(Configurable, nn.Module):
             h = block(h, c)
         return h
 
-    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
+    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
         """Token features after the last block, before the final layer: [B, (img_resolution/patch_size)^2,
         feature_dim]."""
-        return self._tokens(x, self._condition(x, c_noise, label))
+        return self._tokens(x, self._condition(x, c_noise, label, c_aux))
 
     def feature_levels(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> list[Tensor]:
         """Token features after blocks ⌈depth/3⌉, ⌈2·depth/3⌉ and depth (deduplicated): [B, T, feature_dim] each."""
@@ -174,9 +189,10 @@ class DiT(Configurable, nn.Module):
         x = tokens.reshape(b, g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, g * p, g * p)
 
-    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
-        """F(x, c_noise, label) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``)."""
-        c = self._condition(x, c_noise, label)
+    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
+        """F(x, c_noise, label[, c_aux]) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``,
+        ``c_aux`` without ``aux_time``)."""
+        c = self._condition(x, c_noise, label, c_aux)
         h = self._tokens(x, c)
         shift, scale = self.final_adaLN_modulation(c).chunk(2, dim=1)
         return self.unpatchify(self.final_linear(modulate(self.norm_final(h), shift, scale)))

@@ -1,10 +1,15 @@
-"""Conditioning embeddings shared by every network: noise level and class label.
+"""Conditioning embeddings shared by every network: noise level, class label and an optional second time.
 
 Networks know nothing about noise schedules: they receive ``c_noise`` of shape [B], O(1) in range (EDM passes
 ln(sigma)/4, Karras et al. 2022, Table 1), and embed it with one of the two maps of Song et al. 2021
 ("Score-Based Generative Modeling through SDEs"): sinusoidal positions (DDPM++, from the Transformer) or random
 Fourier features (NCSN++, Tancik et al. 2020). Class labels share one convention, ``LabelEmbedding``: row
 ``num_classes`` is the learned NULL class used by classifier-free guidance, and ``label=None`` means all-null.
+
+A second time input ``c_aux`` (MeanFlow's t − r, Geng et al. 2025) enters through ``AuxTimeEmbedding`` when a net is
+built with ``aux_time=True``: its own features, then a zero-initialised linear map added to the noise embedding, so
+at initialisation the net computes exactly what it computes without it (a teacher's weights start it unchanged).
+``aux_time=False`` (the default) builds nothing and leaves the net's spec as it was.
 """
 
 from __future__ import annotations
@@ -125,3 +130,29 @@ class LabelEmbedding(nn.Module):
         if label is None:
             label = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self.table.weight.device)
         return self.table(label.reshape(-1).to(torch.long))
+
+
+class AuxTimeEmbedding(nn.Module):
+    """A second scalar condition per sample (MeanFlow's t − r), added to a net's noise embedding.
+
+    ``features(c_aux)`` (the net's own embedding type), then ``proj`` — zero-initialised, so the sum the net sees
+    equals its noise embedding until training moves ``proj``. ``c_aux=None`` means 0 (MeanFlow: r = t).
+
+    Args:
+        embedding_type: "positional" or "fourier" (as the net's noise embedding).
+        num_channels: width of the features.
+        out_channels: width of the embedding it is added to.
+        fourier_scale: standard deviation of the Fourier frequencies.
+    """
+
+    def __init__(self, embedding_type: str, num_channels: int, out_channels: int, fourier_scale: float = 16) -> None:
+        super().__init__()
+        self.features = noise_embedding(embedding_type, num_channels, fourier_scale=fourier_scale)
+        self.proj = nn.Linear(num_channels, out_channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, c_aux: Tensor | float | None, batch_size: int, device: torch.device | None = None) -> Tensor:
+        c_aux = torch.zeros(batch_size, device=device) if c_aux is None else c_aux
+        feats = self.features(noise_vector(c_aux, batch_size, device))
+        return self.proj(feats.to(self.proj.weight.dtype))

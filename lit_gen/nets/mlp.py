@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_gen.errors import LitGenError
-from lit_gen.nets.embed import LabelEmbedding, noise_embedding, noise_vector
+from lit_gen.nets.embed import AuxTimeEmbedding, LabelEmbedding, noise_embedding, noise_vector
 from lit_gen.spec import Configurable
 
 
@@ -51,7 +51,11 @@ class MLPDenoiser(Configurable, nn.Module):
         embedding_type: Noise-level embedding, "fourier" (random Fourier features) or "positional" (sinusoidal).
         fourier_scale: Standard deviation of the random Fourier frequencies. NCSN++ uses 16; on toy 2-D mixtures
             with c_noise = ln(sigma)/4, 4 fits the large-sigma denoiser markedly better after the same steps.
+        aux_time: Take a second time input ``c_aux`` (MeanFlow's t − r) through a zero-initialised embedding
+            (``embed.AuxTimeEmbedding``); off by default.
     """
+
+    omit_when_default = ("aux_time",)
 
     def __init__(
         self,
@@ -63,6 +67,7 @@ class MLPDenoiser(Configurable, nn.Module):
         dropout: float = 0.0,
         embedding_type: str = "fourier",
         fourier_scale: float = 4.0,
+        aux_time: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -79,10 +84,14 @@ class MLPDenoiser(Configurable, nn.Module):
         self.proj_out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        # Built last: a net without it draws the same initial weights as before it existed.
+        self.map_aux = AuxTimeEmbedding(embedding_type, emb_dim, emb_dim, fourier_scale) if aux_time else None
 
-    def _hidden(self, x: Tensor, c_noise: Tensor, label: Tensor | None) -> list[Tensor]:
+    def _hidden(self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None = None) -> list[Tensor]:
         """The residual stream after every block, [B, hidden] each."""
         emb = self.map_noise(noise_vector(c_noise, x.shape[0], x.device)).to(self.proj_in.weight.dtype)
+        if self.map_aux is not None:
+            emb = emb + self.map_aux(c_aux, x.shape[0], x.device)
         if self.map_label is not None:
             emb = emb + self.map_label(label, x.shape[0])
         cond = self.map_cond(emb)
@@ -93,16 +102,19 @@ class MLPDenoiser(Configurable, nn.Module):
             out.append(h)
         return out if out else [h]
 
-    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
+    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
         """The last hidden layer, ``silu(norm(h))`` before the output projection: [B, feature_dim]."""
-        return F.silu(self.norm_out(self._hidden(x, c_noise, label)[-1]))
+        return F.silu(self.norm_out(self._hidden(x, c_noise, label, c_aux)[-1]))
 
-    def feature_levels(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> list[Tensor]:
+    def feature_levels(
+        self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None
+    ) -> list[Tensor]:
         """The residual stream after every block but the last, then ``features``: [B, feature_dim] each (the
         multi-level discriminator reads all of them)."""
-        hidden = self._hidden(x, c_noise, label)
+        hidden = self._hidden(x, c_noise, label, c_aux)
         return [*hidden[:-1], F.silu(self.norm_out(hidden[-1]))]
 
-    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
-        """F(x, c_noise, label) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``)."""
-        return self.proj_out(self.features(x, c_noise, label))
+    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
+        """F(x, c_noise, label[, c_aux]) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``,
+        ``c_aux`` without ``aux_time``)."""
+        return self.proj_out(self.features(x, c_noise, label, c_aux))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_gen.errors import LitGenError
-from lit_gen.nets.embed import LabelEmbedding, noise_embedding, noise_vector
+from lit_gen.nets.embed import AuxTimeEmbedding, LabelEmbedding, noise_embedding, noise_vector
 from lit_gen.spec import Configurable
 
 SKIP_SCALE = math.sqrt(0.5)  # residual sums are scaled by 1/sqrt(2) to keep unit variance (DDPM++).
@@ -148,7 +148,11 @@ class UNet(Configurable, nn.Module):
         channel_mult_emb: Width of the conditioning vector as a multiple of ``model_channels``.
         adaptive_scale: Let the conditioning give each block a scale and a shift (True) or a shift only (False,
             exactly EDM's DDPM++).
+        aux_time: Take a second time input ``c_aux`` (MeanFlow's t − r) through a zero-initialised embedding
+            (``embed.AuxTimeEmbedding``) added to the noise embedding; off by default.
     """
+
+    omit_when_default = ("aux_time",)
 
     def __init__(
         self,
@@ -164,6 +168,7 @@ class UNet(Configurable, nn.Module):
         embedding_type: str = "positional",
         channel_mult_emb: int = 4,
         adaptive_scale: bool = True,
+        aux_time: bool = False,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -226,9 +231,13 @@ class UNet(Configurable, nn.Module):
         self.out_conv = nn.Conv2d(cout, out_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
+        # Built last: a net without it draws the same initial weights as before it existed.
+        self.map_aux = AuxTimeEmbedding(embedding_type, model_channels, model_channels) if aux_time else None
 
-    def _embed(self, x: Tensor, c_noise: Tensor, label: Tensor | None) -> Tensor:
+    def _embed(self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None = None) -> Tensor:
         emb = self.map_noise(noise_vector(c_noise, x.shape[0], x.device)).to(self.map_layer0.weight.dtype)
+        if self.map_aux is not None:
+            emb = emb + self.map_aux(c_aux, x.shape[0], x.device)
         if self.map_label is not None:
             emb = emb + self.map_label(label, x.shape[0])
         emb = F.silu(self.map_layer0(emb))
@@ -244,15 +253,17 @@ class UNet(Configurable, nn.Module):
             h = block(h, emb)
         return h, skips
 
-    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
+    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
         """Bottleneck activations [B, feature_dim, R, R], R = img_resolution / 2^(len(channel_mult) - 1)."""
-        return self._encode(x, self._embed(x, c_noise, label))[0]
+        return self._encode(x, self._embed(x, c_noise, label, c_aux))[0]
 
-    def feature_levels(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> list[Tensor]:
+    def feature_levels(
+        self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None
+    ) -> list[Tensor]:
         """Encoder activations at every resolution, finest first: the last block of each level [B, C_l, R_l, R_l]
         and, for the lowest level, the bottleneck output. FastGen's EDM discriminator reads these levels
         (32/16/8 for CIFAR-10) instead of the bottleneck alone; so do lit_gen's multi-level heads."""
-        emb = self._embed(x, c_noise, label)
+        emb = self._embed(x, c_noise, label, c_aux)
         h = self.conv_in(x)
         levels: list[Tensor] = []
         for block in self.enc:
@@ -263,9 +274,10 @@ class UNet(Configurable, nn.Module):
             h = block(h, emb)
         return [*levels, h]
 
-    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> Tensor:
-        """F(x, c_noise, label) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``)."""
-        emb = self._embed(x, c_noise, label)
+    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
+        """F(x, c_noise, label[, c_aux]) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``,
+        ``c_aux`` without ``aux_time``)."""
+        emb = self._embed(x, c_noise, label, c_aux)
         h, skips = self._encode(x, emb)
         for block, takes_skip in zip(self.dec, self._dec_takes_skip, strict=True):
             if takes_skip:
