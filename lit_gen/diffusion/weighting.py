@@ -440,8 +440,8 @@ def weighted_loss(
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample w(λ)/p(λ) · mean(ε̂ − ε)² with λ ~ ``schedule`` (Kingma & Gao 2023, the weighted loss in λ; see the
-    module docstring for the ½ and the mean over dims). λ is drawn first, then ε, both with ``generator`` when given — the
-    order of ``EDM.loss`` and ``VP.loss``.
+    module docstring for the ½ and the mean over dims). λ is drawn first, then ε, both with ``generator`` when given
+    — the order of ``EDM.loss`` and ``VP.loss``.
 
     Returns:
         ``(loss [B], lam [B], integrand [B])`` with integrand = w(λ)·mean(ε̂ − ε)² (what ``AdaptiveLogSNR`` tracks).
