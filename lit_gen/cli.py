@@ -8,8 +8,10 @@
     lit-gen slurm -c RECIPE.yaml [-c OVERLAY.yaml] --nodes N --gpus-per-node G [--time ...] [-- --key value ...]
     lit-gen quickstart [--out DIR] [--tiny]        lit-gen pipeline -c PIPELINE.yaml [--out DIR] [--tiny]
 
-Training verbs are LightningCLI (recipes are its YAML); the plain tools are argparse. Every user-fixable problem is
-a ``LitGenError`` and is printed as one line (``lit-gen: error: ...``), exit status 2, no traceback.
+Training verbs are LightningCLI (recipes are its YAML); the plain tools are argparse. ``-v``/``--verbose`` (or
+``LIT_GEN_VERBOSE=1``) on any verb shows the library messages lit_gen filters as expected (``lit_gen/console.py``).
+Every user-fixable problem is a ``LitGenError`` and is printed as one line (``lit-gen: error: ...``), exit status 2,
+no traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ ALWAYS_ON_CALLBACKS = {
     "callbacks.nonfinite.NonFiniteGuard": {"policy": "stop"},
     "callbacks.preemption.Preemption": {"requeue": True},
     "callbacks.rng_state.RNGState": {},
+    "callbacks.progress.Throughput": {},  # samples/s in TensorBoard and on the progress bar
 }
 DEFAULT_ROOT = "runs/default"
 
@@ -65,6 +68,10 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
                     if not any(n.endswith(path.rpartition(".")[2]) for n in names):
                         callback = Namespace(class_path=path, init_args=Namespace(**init_args))
                         trainer.callbacks = [*(trainer.callbacks or []), callback]
+                if trainer.enable_progress_bar is not False and not any(n.endswith("ProgressBar") for n in names):
+                    # step / max_steps, loss, samples/s, time left (Lightning's default counts epochs: "Epoch 4/-2")
+                    callback = Namespace(class_path="callbacks.progress.StepProgressBar", init_args=Namespace())
+                    trainer.callbacks = [*(trainer.callbacks or []), callback]
             if trainer.logger in (None, True):
                 from jsonargparse import Namespace
 
@@ -85,8 +92,11 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
             super()._parse_ckpt_path()
 
         def _check_last(self) -> None:
-            if self.config[self.config.subcommand].get("ckpt_path") == "last":
-                check_resume_checkpoint(self.trainer, "last")
+            subcommand = self.config.subcommand
+            if self.config[subcommand].get("ckpt_path") == "last":
+                if check_resume_checkpoint(self.trainer, "last") is None:
+                    # A fresh run: start from scratch without Lightning's "no last checkpoint available" warning.
+                    self.config_init[subcommand]["ckpt_path"] = None
 
         def before_fit(self) -> None:
             # A global batch that does not divide across devices fails here, before any process is launched.
@@ -110,7 +120,7 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
     )
 
 
-def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> None:
+def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> Path | None:
     """Refuse an unreadable ``--ckpt_path`` file with one line before Lightning loads it (whose own load would end
     in a traceback from deep inside torch's unpickler on damaged bytes); ``trainer`` None: before the trainer exists.
     ``last`` is resolved as Lightning does: the newest ``last*.ckpt`` of the checkpoint callbacks. Folders (DeepSpeed
@@ -120,10 +130,10 @@ def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> None:
     from lit_gen.errors import load_torch_file
 
     if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
-        return
+        return None
     if ckpt_path == "last":
         if trainer is None:
-            return  # resolved once the trainer (and its checkpoint callbacks) exist
+            return None  # resolved once the trainer (and its checkpoint callbacks) exist
         found = [
             path
             for callback in trainer.checkpoint_callbacks
@@ -131,19 +141,20 @@ def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> None:
             for path in Path(callback.dirpath).glob("last*.ckpt")
         ]
         if not found:
-            return  # Lightning warns and starts from scratch: what a first launch of a requeue-safe job wants
+            return None  # nothing to resume: the first launch of a requeue-safe job starts from scratch
         path = max(found, key=lambda p: p.stat().st_mtime)
     else:
         path = Path(ckpt_path)
         if not path.exists():
             raise LitGenError(f"--ckpt_path {path} does not exist")
     if path.is_dir():
-        return
+        return path
     if not zipfile.is_zipfile(path):  # what torch.save (and so Lightning) writes; mmap needs it
         raise LitGenError(f"cannot read checkpoint {path}: not a torch checkpoint archive (truncated or another file?)")
     checkpoint = load_torch_file(path, f"checkpoint {path}", mmap=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise LitGenError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return path
 
 
 _NOISE = ("Given value", "Subtypes:", "Errors:", "Does not validate against any", "Expected a <class 'NoneType'>")
@@ -321,7 +332,10 @@ def _tools_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from lit_gen.console import quiet_known_noise, split_verbose
+
+    argv, verbose = split_verbose(list(sys.argv[1:] if argv is None else argv))
+    quiet_known_noise(verbose or None)
     try:
         if argv and argv[0] in TRAIN_VERBS:
             lightning_cli(argv)
