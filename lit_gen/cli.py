@@ -7,6 +7,7 @@
     lit-gen eval --ckpt PATH --ref SHARDS [--metric fd|mixture|...] [--steps K ...] [--n N] [--json]
     lit-gen slurm -c RECIPE.yaml [-c OVERLAY.yaml] --nodes N --gpus-per-node G [--time ...] [-- --key value ...]
     lit-gen quickstart [--out DIR] [--tiny]        lit-gen pipeline -c PIPELINE.yaml [--out DIR] [--tiny]
+    lit-gen report RUN_OR_PIPELINE_DIR [--out report.html]
 
 Training verbs are LightningCLI (recipes are its YAML); the plain tools are argparse. ``-v``/``--verbose`` (or
 ``LIT_GEN_VERBOSE=1``) on any verb shows the library messages lit_gen filters as expected (``lit_gen/console.py``).
@@ -262,8 +263,17 @@ def _cmd_pipeline(ns: argparse.Namespace) -> None:
     recipe = ns.config or str(Path(__file__).resolve().parents[1] / "recipes" / "pipelines" / "digits.yaml")
     if not ns.config and not Path(recipe).is_file():
         recipe = "recipes/pipelines/digits.yaml"
-    results = Runner(Pipeline.read(recipe), ns.out, tiny=ns.tiny, log=lambda line: print(line, flush=True)).run()
+    runner = Runner(Pipeline.read(recipe), ns.out, tiny=ns.tiny, log=lambda line: print(line, flush=True))
+    results = runner.run()
     print(f"results: {results}; sample grids: {ns.out}/*.png; TensorBoard: tensorboard --logdir {ns.out}")
+    if runner.report is not None:
+        print(f"report: {runner.report} (open it in a browser)")
+
+
+def _cmd_report(ns: argparse.Namespace) -> None:
+    from lit_gen.report import write_report
+
+    print(f"wrote {write_report(ns.source, ns.out)}")
 
 
 def _tools_parser() -> argparse.ArgumentParser:
@@ -318,6 +328,11 @@ def _tools_parser() -> argparse.ArgumentParser:
     from lit_gen.eval.command import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+
+    p = sub.add_parser("report", help="one self-contained HTML page: metrics, sample grids, curves, configs")
+    p.add_argument("source", help="a run folder (trainer.default_root_dir) or a pipeline/quickstart --out folder")
+    p.add_argument("--out", default=None, help="the HTML file (default SOURCE/report.html)")
+    p.set_defaults(func=_cmd_report)
 
     for verb, text in (
         ("quickstart", "the main job on built-in digits: shards -> teacher -> TRACT, CD, f-distill -> metrics table"),
