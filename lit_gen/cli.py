@@ -36,6 +36,7 @@ ALWAYS_ON_CALLBACKS = {
     "callbacks.preemption.Preemption": {"requeue": True},
     "callbacks.rng_state.RNGState": {},
     "callbacks.progress.Throughput": {},  # samples/s in TensorBoard and on the progress bar
+    "callbacks.health.TrainingHealth": {},  # warns once when logged signals cross thresholds (no-op without them)
 }
 DEFAULT_ROOT = "runs/default"
 
@@ -267,7 +268,7 @@ def _cmd_pipeline(ns: argparse.Namespace) -> None:
     results = runner.run()
     print(f"results: {results}; sample grids: {ns.out}/*.png; TensorBoard: tensorboard --logdir {ns.out}")
     if runner.report is not None:
-        print(f"report: {runner.report} (open it in a browser)")
+        print(f"report: {runner.report} (open it in a browser)")  # the last line: where to look
 
 
 def _cmd_report(ns: argparse.Namespace) -> None:

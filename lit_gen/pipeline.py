@@ -156,7 +156,6 @@ class Runner:
         except LitGenError as err:  # e.g. a pipeline of shards only: nothing trained, nothing to show
             self.log(f"no report: {err}")
             return None
-        self.log(f"report: {self.report}")
         return self.report
 
     def fit_summary(self, name: str) -> str:

@@ -15,7 +15,8 @@ from pathlib import Path
 from lit_gen.errors import LitGenError
 from lit_gen.report.events import SKIP_TAGS, event_dirs, read_scalars
 
-HEALTH_FILE = "health.txt"  # warnings written by callbacks.health.TrainingHealth, one per line
+HEALTH_FILE = "health.txt"  # warnings written by callbacks.health.TrainingHealth, one per line (no import of it:
+# the report reads files and does not import Lightning callbacks)
 
 # Curve groups, in page order: (title, predicate on the tag). A tag goes to the first group that takes it.
 GROUPS: tuple[tuple[str, object], ...] = (
@@ -31,7 +32,7 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#22
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.9em} th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3} td:first-child,th:first-child{text-align:left} tr.floor td{font-style:italic;background:#f8f8ff}
-.grids{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0 0 1em 0} figcaption{font-size:.9em;color:#444}
+.grids,.curves{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start} figure{margin:0 0 1em 0} figcaption{font-size:.9em;color:#444}
 img{image-rendering:pixelated;max-width:100%} .curves img{image-rendering:auto}
 pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.8em;max-height:30em} .warn{color:#a00}
 """
@@ -148,6 +149,16 @@ def curve_pictures(run: Run) -> list[tuple[str, list[str], bytes]]:
     return pictures
 
 
+def _grid_order(name: str, header: list[str], rows: list[list[str]]) -> tuple[int, int, str]:
+    """Grids in the table's model order, then by step count (``teacher_2step`` before ``teacher_18step``)."""
+    match = re.fullmatch(r"(.+)_(\d+)step", name)
+    models = list(dict.fromkeys(r[header.index("model")] for r in rows if "model" in header and r)) if rows else []
+    if not match:
+        return (len(models) + 1, 0, name)
+    model = match.group(1)
+    return (models.index(model) if model in models else len(models), int(match.group(2)), name)
+
+
 def _grid_caption(name: str, header: list[str], rows: list[list[str]]) -> str:
     """``teacher_18step.png`` -> "teacher, 18 steps (35 NFE)" (NFE from the metrics table when it has the row)."""
     match = re.fullmatch(r"(.+)_(\d+)step", name)
@@ -171,7 +182,7 @@ def render(source: str | Path) -> str:
     runs = find_runs(source)
     results = source / "results.md"
     header, rows, prose = parse_results(results.read_text()) if results.is_file() else ([], [], "")
-    grids = sorted(source.glob("*step.png"))
+    grids = sorted(source.glob("*step.png"), key=lambda p: _grid_order(p.stem, header, rows))
     if not runs and not header and not grids:
         raise LitGenError(f"nothing to report in {source}: no TensorBoard events, results.md or sample grids")
     for run in runs:
