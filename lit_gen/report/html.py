@@ -32,7 +32,8 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#22
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.9em} th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3} td:first-child,th:first-child{text-align:left} tr.floor td{font-style:italic;background:#f8f8ff}
-.grids,.curves{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start} figure{margin:0 0 1em 0} figcaption{font-size:.9em;color:#444}
+.grids,.curves{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+figure{margin:0 0 1em 0} figcaption{font-size:.9em;color:#444}
 img{image-rendering:pixelated;max-width:100%} .curves img{image-rendering:auto}
 pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.8em;max-height:30em} .warn{color:#a00}
 """
