@@ -6,7 +6,9 @@ TensorBoard as text; the signals themselves are already scalars in TensorBoard.
 Signals (a check is skipped when its keys are not logged, so the callback is on for every fit):
 - f-distill discriminator at chance: ``train/disc_accuracy`` (or the mean of ``train/disc_acc_real`` and
   ``train/disc_acc_fake``) averaged over the last ``window`` steps at most ``chance_accuracy`` after ``warmup_steps``.
-  A head at chance gives r ≈ 1: the f-divergence weights go flat and the GAN term pushes nowhere.
+  A head at chance gives r ≈ 1: the f-divergence weights go flat and the GAN term pushes nowhere. Measured on the
+  toy2d f-distill recipe (batch 256, steps 100-200): a training head averages 0.54 (its noisy inputs up to σ ≈ 6 are
+  often indistinguishable), a head frozen at initialisation 0.50; hence the default 0.52 over a 50-step window.
 - f-distill fake score lagging: ``train/loss_fake`` (its denoising loss on the student's samples) averaged over the
   window grew past ``fake_loss_factor`` × its average over the first window: the fake score no longer tracks the
   student's density, so the distribution-matching gradient D_φ − D_T is stale.
@@ -45,7 +47,7 @@ class TrainingHealth(Callback):
         self,
         window: int = 50,
         warmup_steps: int = 100,
-        chance_accuracy: float = 0.55,
+        chance_accuracy: float = 0.52,
         fake_loss_factor: float = 3.0,
         max_weight: float = 20.0,
         collapse_fraction: float = 0.7,
@@ -100,7 +102,7 @@ class TrainingHealth(Callback):
         if accuracy is not None and accuracy <= self.chance_accuracy:
             split = "" if real is None or fake is None else f" (real {real:.2f}, generated {fake:.2f})"
             found["discriminator_at_chance"] = (
-                f"the discriminator is at chance: it tells real from generated samples {accuracy:.0%} of the time"
+                f"the discriminator is at chance: it tells real from generated samples {accuracy:.1%} of the time"
                 f"{split} over the last {self.window} steps, so the density ratio r is ~1 and the f-divergence "
                 "weights and GAN term carry no signal. If samples still look wrong, the discriminator is not "
                 "learning: check its learning rate (disc_lr_scale) and gan_weight."
