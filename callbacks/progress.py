@@ -10,6 +10,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_only
 
 
 def batch_samples(batch: Any) -> int:
@@ -39,10 +40,11 @@ class Throughput(ThroughputMonitor):
         # FLOPs are only measured for modules that define flops_per_batch (none of lit_gen's do): no warning for it.
         self._module_has_flops = hasattr(pl_module, "flops_per_batch")
 
+    @rank_zero_only  # as Lightning's own hook: the other ranks record nothing
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *a) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, *a)
         throughput = self._throughputs.get(trainer.state.stage) if trainer.state.stage else None
-        if throughput is not None:
+        if throughput is not None and throughput._time:
             metrics = throughput.compute()  # "samples_per_sec" (all devices) only exists when world_size > 1
             device = metrics.get(f"device{throughput.separator}samples_per_sec")
             value = metrics.get("samples_per_sec", None if device is None else device * trainer.world_size)
