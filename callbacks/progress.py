@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.fabric.utilities.throughput import Throughput as FabricThroughput
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, ThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -36,9 +38,17 @@ class Throughput(ThroughputMonitor):
         self.samples_per_sec: float | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        # FLOPs are only measured for modules that define flops_per_batch (none of lit_gen's do): no warning for it.
+        # FLOPs (and MFU) are only measured for modules that define flops_per_batch; none of lit_gen's do, so skip
+        # Lightning's chip table (it warns "FLOPs not found for ..." on chips it does not list) and its warning.
         self._module_has_flops = hasattr(pl_module, "flops_per_batch")
+        if self._module_has_flops:
+            return super().setup(trainer, pl_module, stage)
+        self.available_flops = None
+        stages = [trainer.state.stage]
+        if stage == TrainerFn.FITTING and trainer.enable_validation:
+            stages.append(RunningStage.VALIDATING)
+        for running in stages:
+            self._throughputs[running] = FabricThroughput(world_size=trainer.world_size, **self.kwargs)
 
     @rank_zero_only  # as Lightning's own hook: the other ranks record nothing
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *a) -> None:
