@@ -8,9 +8,12 @@
     lit-gen slurm -c RECIPE.yaml [-c OVERLAY.yaml] --nodes N --gpus-per-node G [--time ...] [-- --key value ...]
     lit-gen import SRC --out TEACHER.safetensors [--format auto|diffusers|edm|edm2|dit] [--check]
     lit-gen quickstart [--out DIR] [--tiny]        lit-gen pipeline -c PIPELINE.yaml [--out DIR] [--tiny]
+    lit-gen report RUN_OR_PIPELINE_DIR [--out report.html]
 
-Training verbs are LightningCLI (recipes are its YAML); the plain tools are argparse. Every user-fixable problem is
-a ``LitGenError`` and is printed as one line (``lit-gen: error: ...``), exit status 2, no traceback.
+Training verbs are LightningCLI (recipes are its YAML); the plain tools are argparse. ``-v``/``--verbose`` (or
+``LIT_GEN_VERBOSE=1``) on any verb shows the library messages lit_gen filters as expected (``lit_gen/console.py``).
+Every user-fixable problem is a ``LitGenError`` and is printed as one line (``lit-gen: error: ...``), exit status 2,
+no traceback.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ ALWAYS_ON_CALLBACKS = {
     "callbacks.nonfinite.NonFiniteGuard": {"policy": "stop"},
     "callbacks.preemption.Preemption": {"requeue": True},
     "callbacks.rng_state.RNGState": {},
+    "callbacks.progress.Throughput": {},  # samples/s in TensorBoard and on the progress bar
+    "callbacks.health.TrainingHealth": {},  # warns once when logged signals cross thresholds (no-op without them)
 }
 DEFAULT_ROOT = "runs/default"
 
@@ -66,6 +71,10 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
                     if not any(n.endswith(path.rpartition(".")[2]) for n in names):
                         callback = Namespace(class_path=path, init_args=Namespace(**init_args))
                         trainer.callbacks = [*(trainer.callbacks or []), callback]
+                if trainer.enable_progress_bar is not False and not any(n.endswith("ProgressBar") for n in names):
+                    # step / max_steps, loss, samples/s, time left (Lightning's default counts epochs: "Epoch 4/-2")
+                    callback = Namespace(class_path="callbacks.progress.StepProgressBar", init_args=Namespace())
+                    trainer.callbacks = [*(trainer.callbacks or []), callback]
             if trainer.logger in (None, True):
                 from jsonargparse import Namespace
 
@@ -86,8 +95,11 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
             super()._parse_ckpt_path()
 
         def _check_last(self) -> None:
-            if self.config[self.config.subcommand].get("ckpt_path") == "last":
-                check_resume_checkpoint(self.trainer, "last")
+            subcommand = self.config.subcommand
+            if self.config[subcommand].get("ckpt_path") == "last":
+                if check_resume_checkpoint(self.trainer, "last") is None:
+                    # A fresh run: start from scratch without Lightning's "no last checkpoint available" warning.
+                    self.config_init[subcommand]["ckpt_path"] = None
 
         def before_fit(self) -> None:
             # A global batch that does not divide across devices fails here, before any process is launched.
@@ -111,7 +123,7 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
     )
 
 
-def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> None:
+def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> Path | None:
     """Refuse an unreadable ``--ckpt_path`` file with one line before Lightning loads it (whose own load would end
     in a traceback from deep inside torch's unpickler on damaged bytes); ``trainer`` None: before the trainer exists.
     ``last`` is resolved as Lightning does: the newest ``last*.ckpt`` of the checkpoint callbacks. Folders (DeepSpeed
@@ -121,10 +133,10 @@ def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> None:
     from lit_gen.errors import load_torch_file
 
     if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
-        return
+        return None
     if ckpt_path == "last":
         if trainer is None:
-            return  # resolved once the trainer (and its checkpoint callbacks) exist
+            return None  # resolved once the trainer (and its checkpoint callbacks) exist
         found = [
             path
             for callback in trainer.checkpoint_callbacks
@@ -132,19 +144,20 @@ def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> None:
             for path in Path(callback.dirpath).glob("last*.ckpt")
         ]
         if not found:
-            return  # Lightning warns and starts from scratch: what a first launch of a requeue-safe job wants
+            return None  # nothing to resume: the first launch of a requeue-safe job starts from scratch
         path = max(found, key=lambda p: p.stat().st_mtime)
     else:
         path = Path(ckpt_path)
         if not path.exists():
             raise LitGenError(f"--ckpt_path {path} does not exist")
     if path.is_dir():
-        return
+        return path
     if not zipfile.is_zipfile(path):  # what torch.save (and so Lightning) writes; mmap needs it
         raise LitGenError(f"cannot read checkpoint {path}: not a torch checkpoint archive (truncated or another file?)")
     checkpoint = load_torch_file(path, f"checkpoint {path}", mmap=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise LitGenError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return path
 
 
 _NOISE = ("Given value", "Subtypes:", "Errors:", "Does not validate against any", "Expected a <class 'NoneType'>")
@@ -252,8 +265,17 @@ def _cmd_pipeline(ns: argparse.Namespace) -> None:
     recipe = ns.config or str(Path(__file__).resolve().parents[1] / "recipes" / "pipelines" / "digits.yaml")
     if not ns.config and not Path(recipe).is_file():
         recipe = "recipes/pipelines/digits.yaml"
-    results = Runner(Pipeline.read(recipe), ns.out, tiny=ns.tiny, log=lambda line: print(line, flush=True)).run()
+    runner = Runner(Pipeline.read(recipe), ns.out, tiny=ns.tiny, log=lambda line: print(line, flush=True))
+    results = runner.run()
     print(f"results: {results}; sample grids: {ns.out}/*.png; TensorBoard: tensorboard --logdir {ns.out}")
+    if runner.report is not None:
+        print(f"report: {runner.report} (open it in a browser)")  # the last line: where to look
+
+
+def _cmd_report(ns: argparse.Namespace) -> None:
+    from lit_gen.report import write_report
+
+    print(f"wrote {write_report(ns.source, ns.out)}")
 
 
 def _tools_parser() -> argparse.ArgumentParser:
@@ -313,6 +335,11 @@ def _tools_parser() -> argparse.ArgumentParser:
 
     add_import_parser(sub)
 
+    p = sub.add_parser("report", help="one self-contained HTML page: metrics, sample grids, curves, configs")
+    p.add_argument("source", help="a run folder (trainer.default_root_dir) or a pipeline/quickstart --out folder")
+    p.add_argument("--out", default=None, help="the HTML file (default SOURCE/report.html)")
+    p.set_defaults(func=_cmd_report)
+
     for verb, text in (
         ("quickstart", "the main job on built-in digits: shards -> teacher -> TRACT, CD, f-distill -> metrics table"),
         ("pipeline", "run a multi-stage pipeline recipe (recipes/pipelines/*.yaml), resuming finished stages"),
@@ -326,7 +353,10 @@ def _tools_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from lit_gen.console import quiet_known_noise, split_verbose
+
+    argv, verbose = split_verbose(list(sys.argv[1:] if argv is None else argv))
+    quiet_known_noise(verbose or None)
     try:
         if argv and argv[0] in TRAIN_VERBS:
             lightning_cli(argv)

@@ -14,6 +14,9 @@ A pipeline recipe (``recipes/pipelines/*.yaml``) lists stages; each stage is one
   has a validation split, the table starts with the real-data floor (``floor: true``, the default): the training split
   scored against the validation split like a model (row ``real train split``), so a saturated metric is visible.
 
+At the end the runner writes ``OUT/report.html`` (``lit_gen.report``: table, grids, curves, configs); each finished
+``fit`` stage logs one line with its time, final losses and checkpoint.
+
 A stage that finished leaves ``OUT/<stage>/.done`` and is skipped when the pipeline runs again; an unfinished ``fit``
 stage resumes from its ``last.ckpt`` (``--ckpt_path last``). Relative recipe paths resolve against the current folder,
 then against the folder that holds ``recipes/``. ``lit-gen quickstart`` is this runner on
@@ -111,6 +114,7 @@ class Runner:
 
     def __init__(self, pipeline: Pipeline, out: str | Path, tiny: bool = False, log: Any = print) -> None:
         self.pipeline, self.out, self.tiny, self.log = pipeline, Path(out), tiny, log
+        self.report: Path | None = None
 
     def stage_dir(self, name: str) -> Path:
         return self.out / name
@@ -142,13 +146,34 @@ class Runner:
                 continue
             self.log(f"[{i}/{total}] {stage.name}: {stage.kind} ...")
             t0 = time.time()
-            getattr(self, f"_{stage.kind}")(stage)
+            summary = getattr(self, f"_{stage.kind}")(stage)
             done.parent.mkdir(parents=True, exist_ok=True)
             done.write_text(f"{time.time() - t0:.1f}\n")
             self.log(
                 f"[{i}/{total}] {stage.name}: finished in {time.time() - t0:.0f}s (total {time.time() - start:.0f}s)"
+                + (f"; {summary}" if summary else "")
             )
+        self.write_report()
         return self.out / "results.md"
+
+    def write_report(self) -> Path | None:
+        """``OUT/report.html`` (``lit-gen report OUT``): the metrics table, grids, curves and configs."""
+        from lit_gen.report import write_report
+
+        try:
+            self.report = write_report(self.out)
+        except LitGenError as err:  # e.g. a pipeline of shards only: nothing trained, nothing to show
+            self.log(f"no report: {err}")
+            return None
+        return self.report
+
+    def fit_summary(self, name: str) -> str:
+        """One line about a finished fit stage: its final logged losses and its checkpoint."""
+        from lit_gen.report import last_values
+
+        losses = last_values(self.stage_dir(name), "train/loss")
+        text = ", ".join(f"{tag.removeprefix('train/')} {value:.4g}" for tag, value in losses.items())
+        return f"final {text or 'loss not logged'}; checkpoint {self.last_checkpoint(name)}"
 
     # ------------------------------------------------------------------------------------------------------ stages
     def _shards(self, stage: Stage) -> None:
@@ -177,6 +202,8 @@ class Runner:
         overrides = dict(spec.get("args") or {})
         if self.tiny:
             overrides.update(spec.get("tiny") or {})
+        if self.tiny and "trainer.log_every_n_steps" not in overrides:
+            overrides["trainer.log_every_n_steps"] = 5  # a few dozen steps: still some points on the report's curves
         args += _args(overrides)
         args += ["--ckpt_path", "last"]  # an unfinished stage resumes; a fresh one starts from scratch
         from callbacks.preemption import LAST_STOP
@@ -190,6 +217,7 @@ class Runner:
             )
         if not self.last_checkpoint(stage.name).exists():
             raise LitGenError(f"stage {stage.name} finished without writing {self.last_checkpoint(stage.name)}")
+        return self.fit_summary(stage.name)
 
     def _eval(self, stage: Stage) -> None:
         import torch

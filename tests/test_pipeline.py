@@ -81,13 +81,18 @@ stages:
 
 
 @pytest.mark.slow
-def test_quickstart_tiny_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quickstart_tiny_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`lit-gen quickstart --tiny`: shards -> teacher -> TRACT, CD, f-distill -> results.md + grids."""
     from tests.conftest import run_cli
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "qs"
     run_cli("quickstart", "--tiny", "--out", out)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"report: {out / 'report.html'} (open it in a browser)"
+    assert any("teacher: finished in" in line and "final loss" in line and "last.ckpt" in line for line in lines)
     results = (out / "results.md").read_text()
     for model in ("teacher", "tract", "cd", "fdistill_js"):
         assert f"| {model} |" in results, model
@@ -96,6 +101,12 @@ def test_quickstart_tiny_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert {p.name for p in out.glob("*.png")} >= {"teacher_1step.png", "tract_1step.png", "fdistill_js_1step.png"}
     assert "| cd | consistency | consistency | 2 |" in results
     assert (out / "teacher" / "tb").is_dir()
+    # The report: the table, every grid and every run's curves (parsed HTML), and a real browser's check.
+    from tests.test_report import browser_check, check_report
+
+    page = check_report(out / "report.html", out, ["teacher", "tract", "cd", "fdistill_js"])
+    assert {i["data-grid"] for i in page.images if i.get("data-kind") == "final"} == {p.name for p in out.glob("*.png")}
+    browser_check(out / "report.html", tmp_path)
 
 
 def test_fd_ratio_is_relative_to_the_reference_models_most_nfe() -> None:
