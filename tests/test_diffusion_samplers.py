@@ -101,7 +101,7 @@ def test_nfe_matches_table_and_sigma_is_per_sample(name, steps):
 
 
 def test_sampler_table():
-    assert set(SAMPLERS) == {"euler", "heun", "ddim", "consistency"}
+    assert set(SAMPLERS) == {"euler", "heun", "ddim", "consistency", "meanflow"}
     assert all(isinstance(spec, SamplerSpec) and spec.description for spec in SAMPLERS.values())
     assert SAMPLERS["heun"].nfe(18) == 35
     assert SAMPLERS["heun"].fn is sample_heun and SAMPLERS["ddim"].fn is sample_ddim
