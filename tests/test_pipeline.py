@@ -26,10 +26,15 @@ def test_pipeline_recipes_are_checked(tmp_path: Path) -> None:
         Pipeline.read(write(tmp_path, "stages:\n  - {name: t, fit: {recipe: r.yaml, epochs: 3}}\n"))
     with pytest.raises(LitGenError, match="exactly one of"):
         Pipeline.read(write(tmp_path, "stages:\n  - {name: t}\n"))
-    shipped = Pipeline.read(REPO / "recipes" / "pipelines" / "digits.yaml")
-    for stage in shipped.stages:
-        if stage.kind == "fit":
-            assert shipped.resolve(stage.spec["recipe"]).is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes" / "pipelines").glob("*.yaml")))
+def test_every_shipped_pipeline_reads_and_names_existing_recipes(name: str) -> None:
+    shipped = Pipeline.read(REPO / "recipes" / "pipelines" / name)
+    fits = [stage for stage in shipped.stages if stage.kind == "fit"]
+    assert fits, name
+    for stage in fits:
+        assert shipped.resolve(stage.spec["recipe"]).is_file(), (name, stage.name)
 
 
 def test_a_fit_stopped_by_a_signal_is_not_marked_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
