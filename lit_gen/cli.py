@@ -212,7 +212,14 @@ def _cmd_sample(ns: argparse.Namespace) -> None:
     model = load_model(ns.ckpt, weights=ns.weights)
     start = time.time()
     samples = model.sample(
-        ns.n, steps=ns.steps, sampler=ns.sampler, seed=ns.seed, label=ns.label, guidance=ns.guidance, device=ns.device
+        ns.n,
+        steps=ns.steps,
+        sampler=ns.sampler,
+        seed=ns.seed,
+        label=ns.label,
+        guidance=ns.guidance,
+        device=ns.device,
+        allow_extrapolation=ns.allow_extrapolation,
     )
     kind = model.data_info["kind"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +234,9 @@ def _cmd_sample(ns: argparse.Namespace) -> None:
 def _cmd_export(ns: argparse.Namespace) -> None:
     from lit_gen.export import export
 
-    path = export(ns.ckpt, ns.out, weights=ns.weights)
-    print(f"exported {ns.weights} weights of {ns.ckpt} to {path}")
+    path = export(ns.ckpt, ns.out, weights=ns.weights, guide=ns.guide)
+    carried = f" with its guiding model {ns.guide}" if ns.guide else ""
+    print(f"exported {ns.weights} weights of {ns.ckpt}{carried} to {path}")
 
 
 def _cmd_slurm(ns: argparse.Namespace) -> None:
@@ -302,7 +310,17 @@ def _tools_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="heun | euler | ddim (default: the model's, teachers heun)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same samples")
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models; default random)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    # guidance (issue 18): CFG, autoguidance with a carried guiding model, or w fed to a w-conditioned student
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance weight w (default 1 = none): classifier-free, autoguidance if the file carries a guiding "
+        "model, or the input of a w-conditioned student",
+    )
+    p.add_argument(
+        "--allow-extrapolation", action="store_true", help="let a w-conditioned student run outside its trained w range"
+    )
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", required=True, help="FILE.png (grid / density picture) or FILE.npy (data units)")
@@ -312,6 +330,7 @@ def _tools_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="a .ckpt written by lit-gen fit")
     p.add_argument("--out", required=True, help="FILE.safetensors")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--guide", default=None, help="a guiding model to carry in the file (autoguidance, issue 18)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("slurm", help="print a requeue-safe sbatch file that runs lit-gen fit on a SLURM cluster")
