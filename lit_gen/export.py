@@ -342,11 +342,15 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "ema", guide: str |
         if description.get("guide") is not None:
             raise LitGenError(f"{ckpt} already carries a guiding model")
         guide_description, guide_tensors = read_model_file(guide, "ema")
-        for key, what in (("shape", "data of shape"), ("num_classes", "classes")):
-            have = (guide_description.get("data") or {}).get(key)
-            want = (description.get("data") or {}).get(key)
-            if (list(have) if key == "shape" else int(have or 0)) != (list(want) if key == "shape" else int(want or 0)):
-                raise LitGenError(f"the guiding model {guide} has {what} {have} but {ckpt} has {want}")
+        have_data, want_data = guide_description.get("data") or {}, description.get("data") or {}
+        if list(have_data.get("shape", [])) != list(want_data.get("shape", [])):
+            raise LitGenError(
+                f"the guiding model {guide} was trained on data of shape {have_data.get('shape')} but {ckpt} on "
+                f"{want_data.get('shape')}"
+            )
+        have, want = int(have_data.get("num_classes") or 0), int(want_data.get("num_classes") or 0)
+        if have != want:
+            raise LitGenError(f"the guiding model {guide} has {have} classes but {ckpt} has {want}")
         description = {**description, "guide": guide_description}
         tensors = {**tensors, **{GUIDE_PREFIX + k: v for k, v in guide_tensors.items()}}
     out.parent.mkdir(parents=True, exist_ok=True)
