@@ -277,3 +277,19 @@ def test_guide_per_sample_scale_broadcasts() -> None:
     torch.testing.assert_close(out[0], c[0])
     torch.testing.assert_close(out[1], u[1] + 2 * (c[1] - u[1]))
     torch.testing.assert_close(out[2], u[2])
+
+
+def test_tract_phase_change_hands_the_w_conditioned_student_on_as_teacher(files: dict[str, Path]) -> None:
+    method = TRACT(teacher=str(files["teacher"]), schedule=(8, 4, 1), steps_per_phase=[5, 5], guidance=[1.0, 4.0])
+    assert method.teacher_net.map_guide is not None  # inert (zero) until the first phase change
+    torch.nn.init.normal_(method.net_ema.map_guide.proj.weight)
+    method.enter_phase(1)
+    for k, v in method.net_ema.state_dict().items():
+        assert torch.equal(method.teacher_net.state_dict()[k], v), k
+    x, sigma_t, sigma_s = torch.randn(4, 2), torch.full((4,), 2.0), torch.full((4,), 0.5)
+    label, w = torch.tensor([0, 1, 2, 0]), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    hop = method.teacher_hop()(x, sigma_t, sigma_s, GuidedLabel(label, w))
+    x_hat = method.param.denoise(GuidanceBound(method.net_ema, w), x, sigma_t, label)
+    torch.testing.assert_close(hop, x_hat + (sigma_s / sigma_t)[:, None] * (x - x_hat))
+    other = method.teacher_hop()(x, sigma_t, sigma_s, GuidedLabel(label, w.flip(0)))
+    assert not torch.allclose(hop, other)
