@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=18)
     parser.add_argument("--metric", nargs="+", default=["fd", "c2st", "pr"])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--cache", default=None, help="folder keeping each (model, w) sample set, reused if present")
     ns = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -68,7 +69,14 @@ def main() -> None:
             if kind in students:
                 models.append((f"w-cond TRACT student ({kind})", students[kind], 1))
             for name, model, steps in models:
-                x, labels = labelled_samples(model, ns.n, steps, w, seed=0)
+                cached = Path(ns.cache) / f"{name.replace(' ', '_')}_w{w:g}_n{ns.n}.pt" if ns.cache else None
+                if cached is not None and cached.exists():
+                    x, labels = torch.load(cached, weights_only=True)
+                else:
+                    x, labels = labelled_samples(model, ns.n, steps, w, seed=0)
+                    if cached is not None:
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        torch.save((x, labels), cached)
                 px = to_pixels(x)
                 pixels[(name, w)] = px
                 row = {"model": name, "w": w, "nfe": 2 * steps - 1 if "teacher" in name else 1}
