@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=18)
     parser.add_argument("--metric", nargs="+", default=["fd", "c2st", "pr"])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--tag", default="TRACT", help="the students' name in the tables (and the cache)")
     parser.add_argument("--cache", default=None, help="folder keeping each (model, w) sample set, reused if present")
     ns = parser.parse_args()
 
@@ -67,7 +68,7 @@ def main() -> None:
         for w in ns.w:
             models = [(f"teacher ({kind})", teacher, ns.teacher_steps)]
             if kind in students:
-                models.append((f"w-cond TRACT student ({kind})", students[kind], 1))
+                models.append((f"w-cond {ns.tag} student ({kind})", students[kind], 1))
             for name, model, steps in models:
                 cached = Path(ns.cache) / f"{name.replace(' ', '_')}_w{w:g}_n{ns.n}.pt" if ns.cache else None
                 if cached is not None and cached.exists():
@@ -93,7 +94,7 @@ def main() -> None:
 
     cross = {}
     for kind in students:
-        name, tname = f"w-cond TRACT student ({kind})", f"teacher ({kind})"
+        name, tname = f"w-cond {ns.tag} student ({kind})", f"teacher ({kind})"
         print(f"\nFD(student at w, teacher at w'), {kind}: rows w, columns w'; * = row minimum")
         print("| w \\ w' | " + " | ".join(f"{w:g}" for w in ns.w) + " |")
         print("|---|" + "---|" * len(ns.w))
