@@ -212,7 +212,14 @@ def _cmd_sample(ns: argparse.Namespace) -> None:
     model = load_model(ns.ckpt, weights=ns.weights)
     start = time.time()
     samples = model.sample(
-        ns.n, steps=ns.steps, sampler=ns.sampler, seed=ns.seed, label=ns.label, guidance=ns.guidance, device=ns.device
+        ns.n,
+        steps=ns.steps,
+        sampler=ns.sampler,
+        seed=ns.seed,
+        label=ns.label,
+        guidance=ns.guidance,
+        device=ns.device,
+        allow_extrapolation=ns.allow_extrapolation,
     )
     kind = model.data_info["kind"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +234,32 @@ def _cmd_sample(ns: argparse.Namespace) -> None:
 def _cmd_export(ns: argparse.Namespace) -> None:
     from lit_gen.export import export
 
-    path = export(ns.ckpt, ns.out, weights=ns.weights)
-    print(f"exported {ns.weights} weights of {ns.ckpt} to {path}")
+    path = export(ns.ckpt, ns.out, weights=ns.weights, guide=ns.guide)
+    carried = f" with its guiding model {ns.guide}" if ns.guide else ""
+    print(f"exported {ns.weights} weights of {ns.ckpt}{carried} to {path}")
+
+
+def _cmd_phema(ns: argparse.Namespace) -> None:
+    """Post-hoc EMA (EDM2): one model file per σ_rel, and with --ref a sweep that names the best one."""
+    from lit_gen.phema import run_phema
+
+    written = run_phema(ns.run_dir, ns.sigma_rel, ns.out, ckpt=ns.ckpt, at_step=ns.at_step)
+    for sigma_rel, path in written:
+        print(f"sigma_rel {sigma_rel:g}: wrote {path}")
+    if ns.ref is None:
+        return
+    from lit_gen.eval.runner import Evaluator, format_table
+
+    evaluator = Evaluator(ns.ref, ns.metric, device=ns.device, seed=ns.seed)
+    rows = []
+    for sigma_rel, path in written:
+        for row in evaluator.evaluate(path, steps=ns.steps, n=ns.n, seed=ns.seed, name=f"phema {sigma_rel:g}"):
+            rows.append({"sigma_rel": sigma_rel, **row})
+    print(format_table(rows))
+    key = next((m for m in ("fd", "fd_digits", "fd_raw", "fid") if m in rows[0]), None)
+    if key is not None:
+        best = min(rows, key=lambda r: r[key])
+        print(f"best sigma_rel by {key}: {best['sigma_rel']:g} ({key} {best[key]:.4g})")
 
 
 def _cmd_slurm(ns: argparse.Namespace) -> None:
@@ -302,7 +333,17 @@ def _tools_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="heun | euler | ddim (default: the model's, teachers heun)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same samples")
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models; default random)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    # guidance (issue 18): CFG, autoguidance with a carried guiding model, or w fed to a w-conditioned student
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance weight w (default 1 = none): classifier-free, autoguidance if the file carries a guiding "
+        "model, or the input of a w-conditioned student",
+    )
+    p.add_argument(
+        "--allow-extrapolation", action="store_true", help="let a w-conditioned student run outside its trained w range"
+    )
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", required=True, help="FILE.png (grid / density picture) or FILE.npy (data units)")
@@ -312,7 +353,22 @@ def _tools_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="a .ckpt written by lit-gen fit")
     p.add_argument("--out", required=True, help="FILE.safetensors")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--guide", default=None, help="a guiding model to carry in the file (autoguidance, issue 18)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("phema", help="post-hoc EMA (EDM2): reconstruct the EMA of any width from a run's snapshots")
+    p.add_argument("run_dir", help="a run folder whose recipe listed callbacks.phema.PostHocEMA (RUN_DIR/phema/)")
+    p.add_argument("--sigma-rel", type=float, nargs="+", required=True, help="EMA widths to reconstruct")
+    p.add_argument("--out", required=True, help="folder for phema-<sigma_rel>.safetensors files")
+    p.add_argument("--ckpt", default=None, help="checkpoint with the model description (default RUN_DIR last.ckpt)")
+    p.add_argument("--at-step", type=int, default=None, help="reconstruct the EMA at this step (default: the last)")
+    p.add_argument("--ref", default=None, help="reference shards: also evaluate each width and name the best")
+    p.add_argument("--metric", nargs="+", default=None, help="metrics of the sweep (default: eval's)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="sampler steps of the sweep (default: model's)")
+    p.add_argument("--n", type=int, default=None, help="samples per sweep row")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the sweep")
+    p.add_argument("--device", default="cpu", help="torch device of the sweep")
+    p.set_defaults(func=_cmd_phema)
 
     p = sub.add_parser("slurm", help="print a requeue-safe sbatch file that runs lit-gen fit on a SLURM cluster")
     p.add_argument("-c", "--config", action="append", required=True, help="recipe YAML (repeat for overlays)")

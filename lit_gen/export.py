@@ -8,6 +8,12 @@ Files:
   the file's metadata under ``lit_gen``.
 
 Network and parameterisation classes are rebuilt by ``lit_gen.spec.build``, which imports only from ``lit_gen.``.
+
+Guidance at sampling time: ``--guidance w`` is classifier-free guidance for a class-conditional teacher; autoguidance
+(Karras et al. 2024) when the file carries a guiding model (``lit-gen export --guide BAD``: its weights under the
+``guide.`` prefix, its description under ``guide``); and for a w-conditioned student (``guidance_range`` in the
+description, Meng et al. 2023) w is fed to the network instead — inside the trained range unless
+``allow_extrapolation``.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from torch import nn
 
 from lit_gen.data.info import denormalize
 from lit_gen.diffusion import SAMPLERS, AutoGuidanceDenoiser, CFGDenoiser, sample, schedule_from_grid
+from lit_gen.diffusion.guidance import GuidanceBound
 from lit_gen.errors import LitGenError, load_torch_file
 from lit_gen.spec import build
 
 NET_PREFIX = "net."
+GUIDE_PREFIX = "guide."  # an exported teacher's guiding model (autoguidance), in the same safetensors file
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -119,6 +127,7 @@ class LoadedModel:
     net: nn.Module
     param: Any
     description: dict[str, Any]
+    guide: LoadedModel | None = None  # the guiding ("bad") model an exported teacher carries, for autoguidance
 
     @property
     def data_info(self) -> dict[str, Any]:
@@ -128,12 +137,54 @@ class LoadedModel:
     def num_classes(self) -> int:
         return int(self.net.init_args.get("num_classes", 0) or 0)
 
+    @property
+    def guidance_range(self) -> tuple[float, float] | None:
+        """(w_min, w_max) of a w-conditioned student (it takes w as an input), None for any other model."""
+        value = self.description.get("guidance_range")
+        return (float(value[0]), float(value[1])) if value else None
+
+    def check_guidance(self, guidance: float | None, allow_extrapolation: bool = False) -> float:
+        """The guidance weight to use (None = 1, or for a w-conditioned student 1 if it was trained there); one line
+        for a w outside a w-conditioned student's trained range (unless ``allow_extrapolation``) or for guidance on
+        a model that cannot be guided."""
+        w_range = self.guidance_range
+        if w_range is not None:
+            lo, hi = w_range
+            if guidance is None:
+                if not lo <= 1.0 <= hi:
+                    raise LitGenError(
+                        f"this student is conditioned on the guidance weight, trained on w in [{lo:g}, {hi:g}]: "
+                        "pass --guidance w"
+                    )
+                return 1.0
+            if not lo <= guidance <= hi and not allow_extrapolation:
+                raise LitGenError(
+                    f"--guidance {guidance:g} is outside the w range this student was trained on [{lo:g}, {hi:g}]; "
+                    "pick a w inside it or pass --allow-extrapolation"
+                )
+            return float(guidance)
+        guidance = 1.0 if guidance is None else float(guidance)
+        if guidance != 1.0 and self.guide is None and self.num_classes == 0:
+            raise LitGenError(
+                f"--guidance {guidance:g} needs a class-conditional model (classifier-free guidance), a "
+                "w-conditioned student, or a teacher exported with its guiding model (--guide); this one has none"
+            )
+        return guidance
+
     def denoiser(self, guidance: float = 1.0, bad: LoadedModel | None = None) -> Any:
-        """``D(x, sigma, label)``; with ``guidance != 1`` classifier-free guided (or autoguided by ``bad``)."""
+        """``D(x, sigma, label)``; with ``guidance != 1`` classifier-free guided (or autoguided by ``bad``, or by
+        the guiding model the file carries); a w-conditioned student gets w as its input instead."""
+        w_range = self.guidance_range
 
         def base(x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor | None, **kw: Any) -> torch.Tensor:
-            return self.param.denoise(self.net, x, sigma, label, **kw)  # kw: MeanFlow's jump target r
+            net: Any = self.net
+            if w_range is not None:  # Meng et al. 2023: the student takes w; no second (unconditional) call
+                net = GuidanceBound(self.net, torch.full((x.shape[0],), float(guidance), device=x.device))
+            return self.param.denoise(net, x, sigma, label, **kw)  # kw: MeanFlow's jump target r
 
+        if self.guidance_range is not None:
+            return base
+        bad = bad if bad is not None else self.guide
         if bad is not None:
             return AutoGuidanceDenoiser(base, bad.denoiser(), guidance)
         if guidance == 1.0:
@@ -151,14 +202,17 @@ class LoadedModel:
         sampler: str | None = None,
         seed: int = 0,
         label: int | None = None,
-        guidance: float = 1.0,
+        guidance: float | None = None,
         batch_size: int = 1024,
         device: str | torch.device = "cpu",
         raw: bool = False,
+        allow_extrapolation: bool = False,
     ) -> torch.Tensor:
         """``n`` samples in the data's own units (uint8-range floats for images, original units for points).
 
-        ``raw=True`` returns the model-space tensor instead. The same seed gives the same samples.
+        ``raw=True`` returns the model-space tensor instead. The same seed gives the same samples. ``guidance``
+        (None = 1): see ``check_guidance``; a w-conditioned student outside its trained w range needs
+        ``allow_extrapolation``.
         """
         defaults = self.description.get("sampling", {})
         steps = int(defaults.get("steps", 18) if steps is None else steps)  # 0 is refused below, not a default
@@ -178,6 +232,7 @@ class LoadedModel:
                 if sampler == "meanflow"
                 else f"a MeanFlow model samples with the meanflow sampler, not {sampler!r}"
             )
+        guidance = self.check_guidance(guidance, allow_extrapolation)
         if sampler == "meanflow" and guidance != 1.0:
             raise LitGenError("MeanFlow folds guidance into training (cfg_scale); sample it with --guidance 1")
         self.net.to(device).eval()
@@ -231,8 +286,22 @@ def usable_device(device: str) -> torch.device:
 
 
 def load_model(path: str | Path, weights: str = "ema") -> LoadedModel:
-    """Rebuild the denoiser from a ``.ckpt`` or exported ``.safetensors`` — the path is all it needs."""
+    """Rebuild the denoiser from a ``.ckpt`` or exported ``.safetensors`` — the path is all it needs (a teacher
+    exported with ``--guide`` brings its guiding model along, as ``LoadedModel.guide``)."""
     description, tensors = read_model_file(path, weights)
+    guide = None
+    if description.get("guide") is not None:
+        guide_tensors = net_weights(tensors, GUIDE_PREFIX)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(GUIDE_PREFIX)}
+        guide = _rebuild(description["guide"], guide_tensors, f"{path} (its guiding model)")
+        description = {k: v for k, v in description.items() if k != "guide"}
+    loaded = _rebuild(description, tensors, str(path))
+    loaded.guide = guide
+    return loaded
+
+
+def _rebuild(description: dict[str, Any], tensors: dict[str, torch.Tensor], path: str) -> LoadedModel:
+    """The network and parameterisation a description names, with ``tensors`` loaded (one line on a mismatch)."""
     try:
         net = build(description["net"])
         param = build(description["param"])
@@ -259,12 +328,31 @@ def load_model(path: str | Path, weights: str = "ema") -> LoadedModel:
     return LoadedModel(net=net, param=param, description=description)
 
 
-def export(ckpt: str | Path, out: str | Path, weights: str = "ema") -> Path:
-    """Write the network weights and their description to one self-describing safetensors file."""
+def export(ckpt: str | Path, out: str | Path, weights: str = "ema", guide: str | Path | None = None) -> Path:
+    """Write the network weights and their description to one self-describing safetensors file.
+
+    ``guide``: a guiding ("bad") model for autoguidance (Karras et al. 2024) to carry in the same file (weights under
+    ``guide.``, description under ``guide``), so ``lit-gen sample --guidance w`` and distillation recipes need only
+    this one path. It must model the same data (shape, classes)."""
     description, tensors = read_model_file(ckpt, weights)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise LitGenError(f"--out must end in .safetensors, got {out}")
+    if guide is not None:
+        if description.get("guide") is not None:
+            raise LitGenError(f"{ckpt} already carries a guiding model")
+        guide_description, guide_tensors = read_model_file(guide, "ema")
+        have_data, want_data = guide_description.get("data") or {}, description.get("data") or {}
+        if list(have_data.get("shape", [])) != list(want_data.get("shape", [])):
+            raise LitGenError(
+                f"the guiding model {guide} was trained on data of shape {have_data.get('shape')} but {ckpt} on "
+                f"{want_data.get('shape')}"
+            )
+        have, want = int(have_data.get("num_classes") or 0), int(want_data.get("num_classes") or 0)
+        if have != want:
+            raise LitGenError(f"the guiding model {guide} has {have} classes but {ckpt} has {want}")
+        description = {**description, "guide": guide_description}
+        tensors = {**tensors, **{GUIDE_PREFIX + k: v for k, v in guide_tensors.items()}}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"lit_gen": json.dumps(description)})

@@ -58,6 +58,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--n-ref", type=int, default=None, help="reference samples to use (default: all, max 50000)")
     p.add_argument("--seed", type=int, default=0, help="noise seed, the same for every row (default 0)")
     p.add_argument("--sampler", default=None, help="heun | euler | ddim (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance weight w (as lit-gen sample; default 1)")
+    p.add_argument("--allow-extrapolation", action="store_true", help="a w-conditioned student outside its w range")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     p.add_argument("--device", default="cpu", help="torch device for sampling and features (default cpu)")
     p.add_argument("--inception-weights", default=None, help="FID Inception-v3 weights file (else the env var/cache)")
@@ -107,7 +109,16 @@ def run(ns: argparse.Namespace) -> list[dict[str, Any]]:
     )
     rows: list[dict[str, Any]] = []
     for i, path in enumerate(ns.ckpt):
-        new = evaluator.evaluate(path, steps=ns.steps, n=ns.n, seed=ns.seed, sampler=ns.sampler, weights=ns.weights)
+        new = evaluator.evaluate(
+            path,
+            steps=ns.steps,
+            n=ns.n,
+            seed=ns.seed,
+            sampler=ns.sampler,
+            weights=ns.weights,
+            guidance=ns.guidance,
+            allow_extrapolation=ns.allow_extrapolation,
+        )
         rows += new
         if not ns.json:  # rows appear as they are computed
             print(format_table(new, header=i == 0), flush=True)

@@ -259,6 +259,8 @@ class Evaluator:
         weights: str = "ema",
         name: str | None = None,
         device: str | torch.device | None = None,
+        guidance: float | None = None,
+        allow_extrapolation: bool = False,
     ) -> list[dict[str, Any]]:
         """Sample ``n`` points from ``model`` at each step count and score them: one row per step count.
 
@@ -271,6 +273,8 @@ class Evaluator:
             weights: "ema" or "raw" (paths only).
             name: The ``model`` column (default: the path; "model" for a ``LoadedModel``).
             device: Where to sample (default: the evaluator's device). A ``LoadedModel``'s network is moved there.
+            guidance: guidance weight w (``LoadedModel.sample``; None = 1); a row gets a ``guidance`` column when set.
+            allow_extrapolation: let a w-conditioned student run outside its trained w range.
         """
         if isinstance(model, LoadedModel):
             loaded, where = model, name or "model"
@@ -300,7 +304,15 @@ class Evaluator:
             sampler_used = sampler or defaults.get("sampler", "heun")
             samples = None
             if sampled:
-                samples = loaded.sample(n, steps=k_used, sampler=sampler_used, seed=seed, device=device or self.device)
+                samples = loaded.sample(
+                    n,
+                    steps=k_used,
+                    sampler=sampler_used,
+                    seed=seed,
+                    device=device or self.device,
+                    guidance=guidance,
+                    allow_extrapolation=allow_extrapolation,
+                )
             row: dict[str, Any] = {
                 "model": where,
                 "method": loaded.description.get("method", "?"),
@@ -309,6 +321,8 @@ class Evaluator:
                 "nfe": SAMPLERS[sampler_used].nfe(k_used),
                 "n": n,
             }
+            if guidance is not None:
+                row["guidance"] = float(guidance)
             if samples is not None:
                 row.update(self.score(samples))
             row.update(likelihood)

@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from lit_gen.diffusion import EDM, guide
+from lit_gen.diffusion import EDM
 from lit_gen.diffusion.consistency import (
     DISTANCES,
     ODE_SOLVERS,
@@ -51,6 +51,7 @@ from lit_gen.diffusion.consistency import (
     ict_sigma_probs,
     ode_step,
 )
+from lit_gen.diffusion.guidance import bind_guidance
 from lit_gen.errors import LitGenError
 from lit_gen.methods.base import GenerativeMethod
 from lit_gen.methods.distill import DistillationMethod
@@ -129,12 +130,13 @@ class ConsistencyDistillation(DistillationMethod):
         seed: int = 0,
         net: nn.Module | None = None,
         param: EDM | None = None,
-        guidance: float = 1.0,
+        guidance: float | list[float] = 1.0,
         init_from_teacher: bool = True,
         student_dropout: float | None = 0.0,
         optimizer: OptimizerCallable = torch.optim.RAdam,
         warmup_steps: int = 0,
         decay_steps: int = 0,
+        guide_teacher: str | None = None,
     ) -> None:
         self._check_choices(training, teacher_solver, distance, sigma_sampling, weighting)
         if teacher is not None:
@@ -143,6 +145,7 @@ class ConsistencyDistillation(DistillationMethod):
                 net=net,
                 param=param,
                 guidance=guidance,
+                guide_teacher=guide_teacher,
                 init_from_teacher=init_from_teacher,
                 student_dropout=student_dropout,
                 optimizer=optimizer,
@@ -156,7 +159,7 @@ class ConsistencyDistillation(DistillationMethod):
                 raise LitGenError("consistency distillation needs a teacher: pass --model.init_args.teacher PATH")
             if net is None:
                 raise LitGenError("consistency training without a teacher needs a network: set model.init_args.net")
-            if guidance != 1.0:
+            if guidance != 1.0 or guide_teacher is not None:
                 raise LitGenError("guidance applies to a distilled teacher; consistency training has none")
             # No teacher file to read: the plain GenerativeMethod set-up, with the teacher fields empty.
             GenerativeMethod.__init__(
@@ -171,6 +174,8 @@ class ConsistencyDistillation(DistillationMethod):
             self.teacher_description = {}
             self.teacher_net = None
             self.guidance = 1.0
+            self.guidance_range = None
+            self.guide_net = self.guide_param = self.guide_teacher_path = None
         # The teacher's EDM preconditioning steps the teacher; the student is the consistency function built on it.
         self.teacher_param = self.param
         self.param = ConsistencyParam.from_teacher(self.teacher_param)
@@ -234,19 +239,12 @@ class ConsistencyDistillation(DistillationMethod):
         return self
 
     @torch.no_grad()
-    def teacher_denoise(self, x: Tensor, sigma: Tensor, label: Tensor | None = None) -> Tensor:
-        """The (CFG-guided) teacher's EDM x̂(x; σ), without gradient (the student's ``param`` is the consistency
-        function, so the teacher uses its own EDM preconditioning)."""
+    def teacher_denoise(self, x: Tensor, sigma: Tensor, label: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+        """The guided teacher's EDM x̂(x; σ) (``DistillationMethod.teacher_denoise`` with the teacher's own EDM
+        preconditioning: the student's ``param`` is the consistency function), without gradient."""
         if self.teacher_net is None:
             raise LitGenError("this consistency model has no teacher (consistency training)")
-        if self.guidance == 1.0 or label is None:
-            return self.teacher_param.denoise(self.teacher_net, x, sigma, label)
-        null = torch.full_like(label, self.teacher_num_classes)
-        both = self.teacher_param.denoise(
-            self.teacher_net, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([label, null])
-        )
-        cond, uncond = both.chunk(2)
-        return guide(cond, uncond, self.guidance)
+        return super().teacher_denoise(x, sigma, label, w)
 
     # ------------------------------------------------------------------------------------------ discretisation
     def scales_at(self, step: int) -> int:
@@ -283,15 +281,20 @@ class ConsistencyDistillation(DistillationMethod):
         sigma, sigma_next = grid[n], grid[n + 1]
         z = torch.randn_like(y)
         x_next = y + sigma_next.view(-1, *([1] * (y.ndim - 1))) * z
+        w = self.sample_guidance(y.shape[0], y.device)  # a w-conditioned student (LCM, Luo et al. 2023, Alg. 1)
+
+        def teacher(x: Tensor, s: Tensor, lab: Tensor | None) -> Tensor:
+            return self.teacher_denoise(x, s, lab, w)
+
         with torch.no_grad():
             if self.training_mode == "cd":
-                x_hat = ode_step(self.teacher_denoise, x_next, sigma_next, sigma, label, self.teacher_solver)
+                x_hat = ode_step(teacher, x_next, sigma_next, sigma, label, self.teacher_solver)
             else:
                 x_hat = y + sigma.view(-1, *([1] * (y.ndim - 1))) * z
             state = _rng_state(y.device)
-            target = self.param.denoise(self.target_net, x_hat, sigma, label)
+            target = self.param.denoise(bind_guidance(self.target_net, w), x_hat, sigma, label)
         _set_rng_state(state, y.device)
-        online = self.param.denoise(self.net, x_next, sigma_next, label)
+        online = self.param.denoise(bind_guidance(self.net, w), x_next, sigma_next, label)
         weight = ict_loss_weight(sigma, sigma_next) if self.weighting == "ict" else torch.ones_like(sigma)
         return weight * self.distance(online, target)
 

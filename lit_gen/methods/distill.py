@@ -15,12 +15,23 @@
   self-contained (TRACT replaces it at phase changes; resuming needs the current one).
 - ``guidance`` != 1 distils the classifier-free guided teacher (Ho & Salimans 2022):
   x̂_g = x̂_c + (s − 1)(x̂_c − x̂_u), one batched call with the null class ``num_classes``.
+- ``guidance: [w_min, w_max]`` distils a **w-conditioned** student (Meng et al. 2023, "On Distillation of Guided
+  Diffusion Models", Sec. 4.1; LCM): w ~ U[w_min, w_max] per sample, the teacher's target guided at that sample's w,
+  and the student takes w through a zero-initialised embedding (``guidance_embed`` of the nets,
+  ``lit_gen.nets.embed.GuidanceEmbedding``), so it starts as the unguided teacher copy at every w. The range is
+  recorded in the checkpoint (``guidance_range``); ``lit-gen sample --guidance w`` feeds w to the student.
+- ``guide_teacher PATH`` replaces the unconditional branch by a guiding model (autoguidance, Karras et al. 2024,
+  "Guiding a Diffusion Model with a Bad Version of Itself", eq. 1): D_w = D_bad + w (D − D_bad), D_bad a smaller or
+  shorter-trained teacher of the same data and classes. A teacher file exported with ``--guide`` carries its
+  guiding model and is used the same way without ``guide_teacher``. Works with a fixed w and with a w range.
 - The teacher's data description (shape, classes, normalisation) must match the shards the student trains on.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +59,62 @@ def load_teacher(path: str | Path) -> LoadedModel:
 
 
 def _without_dropout(spec: dict[str, Any]) -> dict[str, Any]:
-    """A network description minus its dropout rate (the student may drop the teacher's dropout: same weights)."""
-    return {**spec, "init_args": {k: v for k, v in spec["init_args"].items() if k != "dropout"}}
+    """A network description minus its dropout rate and guidance input (the student may drop the teacher's dropout
+    and add a zero-initialised w embedding: the teacher's weights still fit)."""
+    drop = ("dropout", "guidance_embed")
+    return {**spec, "init_args": {k: v for k, v in spec["init_args"].items() if k not in drop}}
+
+
+def parse_guidance(guidance: float | Sequence[float]) -> tuple[float | None, tuple[float, float] | None]:
+    """``guidance`` as (fixed scale, None) for a number or (None, (w_min, w_max)) for a pair; one line otherwise."""
+    if isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
+        if not float(guidance) >= 0:
+            raise LitGenError(f"guidance must be >= 0, got {guidance}")
+        return float(guidance), None
+    values = list(guidance) if isinstance(guidance, Sequence) and not isinstance(guidance, str) else None
+    if values is None or len(values) != 2 or not all(isinstance(v, (int, float)) for v in values):
+        raise LitGenError(f"guidance must be a number or a pair [w_min, w_max], got {guidance!r}")
+    lo, hi = float(values[0]), float(values[1])
+    if not 0 <= lo <= hi:
+        raise LitGenError(f"guidance [w_min, w_max] needs 0 <= w_min <= w_max, got [{values[0]}, {values[1]}]")
+    return None, (lo, hi)
+
+
+def with_guidance_embed(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` that also takes the guidance weight (``guidance_embed=True``), with ``net``'s weights and a
+    zero-initialised w embedding (so it computes what ``net`` computes at every w). One line for a network class
+    without that input."""
+    if getattr(net, "map_guide", None) is not None:
+        return net
+    if "guidance_embed" not in inspect.signature(type(net).__init__).parameters:
+        raise LitGenError(
+            f"a w-conditioned student (guidance: [w_min, w_max]) needs a network with a guidance input "
+            f"(UNet, DiT, MLPDenoiser); {type(net).__name__} has none"
+        )
+    spec = describe(net)
+    copy_ = build({**spec, "init_args": {**spec["init_args"], "guidance_embed": True}})
+    missing, unexpected = copy_.load_state_dict(net.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("map_guide.") for k in missing), (missing, unexpected)
+    return copy_.train(net.training).requires_grad_(any(p.requires_grad for p in net.parameters()))
+
+
+class GuidedLabel:
+    """A batch's class labels together with its per-sample guidance weights, indexed together (``cond[rows]``), so
+    ODE helpers that evaluate a subset of rows (TRACT's Heun corrector, the second hop) keep w aligned."""
+
+    def __init__(self, label: Tensor | None, w: Tensor) -> None:
+        self.label = label
+        self.w = w
+
+    def __getitem__(self, rows: Tensor) -> GuidedLabel:
+        return GuidedLabel(None if self.label is None else self.label[rows], self.w[rows])
+
+
+def split_label(cond: Tensor | GuidedLabel | None) -> tuple[Tensor | None, Tensor | None]:
+    """(label, w) of a plain label (w None) or a ``GuidedLabel``."""
+    if isinstance(cond, GuidedLabel):
+        return cond.label, cond.w
+    return cond, None
 
 
 def trainable_copy(net: nn.Module, dropout: float | None) -> nn.Module:
@@ -74,7 +139,10 @@ class DistillationMethod(GenerativeMethod):
         teacher: path to the teacher (``.ckpt`` from ``lit-gen fit`` or ``.safetensors`` from ``lit-gen export``).
         net: the student network; None = the teacher's architecture.
         param: the parameterisation; None = the teacher's (a different one is an error).
-        guidance: classifier-free guidance scale of the teacher being distilled (1 = unguided).
+        guidance: guidance scale of the teacher being distilled (1 = unguided), or a pair [w_min, w_max]: a
+            w-conditioned student, w ~ U[w_min, w_max] per sample (Meng et al. 2023).
+        guide_teacher: path to a guiding ("bad") model for autoguidance, D_bad + w (D − D_bad) (Karras et al.
+            2024); None = classifier-free guidance (or the guiding model the teacher file carries).
         init_from_teacher: start the student from the teacher's weights (needs the same architecture; the dropout
             rate may differ).
         student_dropout: dropout rate of the student when it is the teacher's architecture (and of any other
@@ -96,13 +164,15 @@ class DistillationMethod(GenerativeMethod):
         teacher: str,
         net: nn.Module | None = None,
         param: EDM | VP | None = None,
-        guidance: float = 1.0,
+        guidance: float | list[float] = 1.0,
         init_from_teacher: bool = True,
         student_dropout: float | None = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
         decay_steps: int = 0,
+        guide_teacher: str | None = None,
     ) -> None:
+        fixed_guidance, guidance_range = parse_guidance(guidance)
         if student_dropout is not None and not 0.0 <= student_dropout < 1.0:
             raise LitGenError(f"student_dropout must be in [0, 1) or null, got {student_dropout}")
         loaded = load_teacher(teacher)
@@ -114,13 +184,22 @@ class DistillationMethod(GenerativeMethod):
         self.student_dropout = student_dropout
         # The loaded teacher comes frozen (eval, no grad); the student is trained.
         student = net.requires_grad_(True).train() if net is not None else trainable_copy(loaded.net, student_dropout)
+        if guidance_range is not None:
+            if net is not None and getattr(net, "map_guide", None) is None:
+                raise LitGenError(
+                    "guidance [w_min, w_max] needs a student with a guidance input: set guidance_embed: true in "
+                    "model.init_args.net (or leave net unset to use the teacher's architecture)"
+                )
+            student = with_guidance_embed(student)
         if init_from_teacher:
             if _without_dropout(describe(student)) != _without_dropout(describe(loaded.net)):
                 raise LitGenError(
                     f"the student network {describe(student)} differs from the teacher's {describe(loaded.net)}; "
                     "use the teacher's architecture or set model.init_from_teacher false"
                 )
-            student.load_state_dict(loaded.net.state_dict())
+            missing, unexpected = student.load_state_dict(loaded.net.state_dict(), strict=False)
+            if unexpected or any(not k.startswith("map_guide.") for k in missing):
+                raise LitGenError(f"the teacher's weights do not fit the student (e.g. {(unexpected or missing)[0]})")
         super().__init__(
             net=student,
             param=param if param is not None else loaded.param,
@@ -131,10 +210,35 @@ class DistillationMethod(GenerativeMethod):
         self.teacher_path = str(teacher)
         self.teacher_description = {k: v for k, v in loaded.description.items() if k != "weights"}
         self.teacher_net = loaded.net.requires_grad_(False).eval()
-        self.guidance = float(guidance)
-        if self.guidance != 1.0 and self.teacher_num_classes == 0:
-            raise LitGenError(f"guidance {self.guidance} needs a class-conditional teacher; {teacher} has no classes")
+        self.guidance = fixed_guidance
+        self.guidance_range = guidance_range
+        # The guiding ("bad") model of autoguidance: named by guide_teacher, or carried by the teacher file. Kept as
+        # a frozen submodule (saved under ``guide_net.``), so a checkpoint is self-contained like the teacher.
+        self.guide_teacher_path = str(guide_teacher) if guide_teacher is not None else None
+        guide_model = self._load_guide(guide_teacher, loaded, str(teacher))
+        self.guide_net = guide_model.net.requires_grad_(False).eval() if guide_model is not None else None
+        self.guide_param = guide_model.param if guide_model is not None else None
+        guided = guidance_range is not None or fixed_guidance != 1.0
+        if guided and self.guide_net is None and self.teacher_num_classes == 0:
+            raise LitGenError(
+                f"guidance {guidance} needs a class-conditional teacher (classifier-free) or a guide_teacher "
+                f"(autoguidance); {teacher} has no classes"
+            )
         self.data_info = loaded.data_info
+
+    def _load_guide(self, guide_teacher: str | None, loaded: LoadedModel, teacher: str) -> LoadedModel | None:
+        """The guiding model, checked against the teacher: same data shape and the same class count (one line)."""
+        if guide_teacher is None:
+            return getattr(loaded, "guide", None)
+        path = Path(guide_teacher)
+        if not path.exists():
+            raise LitGenError(f"guide_teacher {path} does not exist (a .ckpt or .safetensors of the guiding model)")
+        try:
+            guide_model = load_model(path, weights="ema")
+        except LitGenError as err:
+            raise LitGenError(f"guide_teacher {path}: {err}") from None
+        check_guide(guide_model, loaded, str(path), teacher)
+        return guide_model
 
     # ------------------------------------------------------------------------------------------------ the teacher
     @property
@@ -142,22 +246,52 @@ class DistillationMethod(GenerativeMethod):
         return int(self.teacher_net.init_args.get("num_classes", 0) or 0)
 
     def train(self, mode: bool = True) -> DistillationMethod:
-        """Lightning puts the module in train mode at fit start; the frozen teacher stays in eval mode."""
+        """Lightning puts the module in train mode at fit start; the frozen teacher (and guide) stay in eval mode."""
         super().train(mode)
-        self.teacher_net.eval()
+        if self.teacher_net is not None:
+            self.teacher_net.eval()
+        if getattr(self, "guide_net", None) is not None:
+            self.guide_net.eval()
         return self
 
+    def sample_guidance(self, batch_size: int, device: torch.device) -> Tensor | None:
+        """Per-sample guidance weights w ~ U[w_min, w_max] (Meng et al. 2023, Alg. 1) for a w-conditioned student,
+        None otherwise. A degenerate range [w, w] draws nothing (the RNG stream equals the fixed-w run's)."""
+        if getattr(self, "guidance_range", None) is None:
+            return None
+        lo, hi = self.guidance_range
+        if lo == hi:
+            return torch.full((batch_size,), lo, device=device, dtype=torch.float32)
+        return lo + (hi - lo) * torch.rand(batch_size, device=device, dtype=torch.float32)
+
     @torch.no_grad()
-    def teacher_denoise(self, x: Tensor, sigma: Tensor, label: Tensor | None = None) -> Tensor:
-        """The (guided) teacher's x̂(x; σ) in VE coordinates, without gradient."""
-        if self.guidance == 1.0 or label is None:
-            return self.param.denoise(self.teacher_net, x, sigma, label)
+    def teacher_denoise(self, x: Tensor, sigma: Tensor, label: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+        """The guided teacher's x̂(x; σ) in VE coordinates, without gradient, at the fixed ``guidance`` or at the
+        per-sample weights ``w`` ([B]).
+
+        Classifier-free (Ho & Salimans 2022): x̂_∅ + w (x̂_c − x̂_∅), one batched call with the null class.
+        Autoguidance (Karras et al. 2024, eq. 1) when a guiding model is set: D_bad + w (D − D_bad).
+        """
+        param = getattr(self, "teacher_param", None)
+        param = self.param if param is None else param
+        scale: float | Tensor = w if w is not None else (self.guidance if self.guidance is not None else 1.0)
+        unguided = not isinstance(scale, Tensor) and scale == 1.0
+        if getattr(self, "guide_net", None) is not None:
+            good = param.denoise(self.teacher_net, x, sigma, label)
+            if unguided:
+                return good
+            bad = self.guide_param.denoise(self.guide_net, x, sigma, label if self.guide_num_classes else None)
+            return guide(good, bad.to(good.dtype), scale)
+        if unguided or label is None:
+            return param.denoise(self.teacher_net, x, sigma, label)
         null = torch.full_like(label, self.teacher_num_classes)
-        both = self.param.denoise(
-            self.teacher_net, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([label, null])
-        )
+        both = param.denoise(self.teacher_net, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([label, null]))
         cond, uncond = both.chunk(2)
-        return guide(cond, uncond, self.guidance)
+        return guide(cond, uncond, scale)
+
+    @property
+    def guide_num_classes(self) -> int:
+        return int(self.guide_net.init_args.get("num_classes", 0) or 0) if self.guide_net is not None else 0
 
     # ------------------------------------------------------------------------------------------------ data checks
     def attach_data(self, info: dict[str, Any]) -> None:
@@ -180,4 +314,28 @@ class DistillationMethod(GenerativeMethod):
     def describe(self) -> dict[str, Any]:
         section = super().describe()
         section["teacher"] = {"path": self.teacher_path, "guidance": self.guidance}
+        guidance_range = getattr(self, "guidance_range", None)  # subclasses without a teacher (sCT) skip __init__
+        if guidance_range is not None:
+            section["teacher"]["guidance_range"] = list(guidance_range)
+            # read by lit_gen.export: `lit-gen sample --guidance w` feeds w to the student, inside this range
+            section["guidance_range"] = list(guidance_range)
+        if getattr(self, "guide_net", None) is not None:
+            section["teacher"]["guide_teacher"] = self.guide_teacher_path or "carried by the teacher file"
+            section["teacher"]["guidance_kind"] = "autoguidance"
         return section
+
+
+def check_guide(guide_model: LoadedModel, teacher: LoadedModel, guide_path: str, teacher_path: str) -> None:
+    """A guiding model must model the same data: the same shape and the same class count as the teacher."""
+    guide_shape = list((guide_model.description.get("data") or {}).get("shape", []))
+    teacher_shape = list((teacher.description.get("data") or {}).get("shape", []))
+    if guide_shape != teacher_shape:
+        raise LitGenError(
+            f"the guiding model {guide_path} was trained on data of shape {guide_shape} but the teacher "
+            f"{teacher_path} on {teacher_shape}"
+        )
+    if guide_model.num_classes != teacher.num_classes:
+        raise LitGenError(
+            f"the guiding model {guide_path} has {guide_model.num_classes} classes but the teacher {teacher_path} "
+            f"has {teacher.num_classes}"
+        )

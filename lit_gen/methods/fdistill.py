@@ -11,7 +11,12 @@ Networks (all started from the teacher's weights except the head):
   ``disc_features: fake_score``, of the trainable fake score) at noisy samples, logits summed; logistic loss on
   noisy real vs noisy generated samples, so ℓ → ln r with r = p_σ/q_σ (teacher over student density);
   optional R1 (exact gradient penalty) or approximate R1 (Lin et al. 2024);
-- frozen teacher D_T (``teacher_net``), optionally classifier-free guided.
+- frozen teacher D_T (``teacher_net``), optionally classifier-free guided or autoguided (``guide_teacher``).
+
+A w-conditioned generator (``guidance: [w_min, w_max]``, Meng et al. 2023) draws w per sample: G_θ(z, w), the teacher
+guided at w in the DM term, and the fake score conditioned on w too (it must track q_w, the student's density at that
+w; it gets the same zero-initialised w embedding). A head on the teacher's features does not see w (it estimates
+the ratio against the w-mixture of generated samples); ``disc_features: fake_score`` gives it w.
 
 Noise levels: one distribution (``noise``: DMD2's uniform position on the Karras ramp in [t_min, t_max], or EDM's
 log-normal) is shared by the fake score's DSM loss, the DM loss and the discriminator (DMD2 / FastGen draw all three
@@ -63,8 +68,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from lit_gen.diffusion import EDM, VP, append_dims
+from lit_gen.diffusion.guidance import bind_guidance
 from lit_gen.errors import LitGenError
-from lit_gen.methods.distill import DistillationMethod, trainable_copy
+from lit_gen.methods.distill import DistillationMethod, trainable_copy, with_guidance_embed
 from lit_gen.methods.divergences import (
     DIVERGENCES,
     density_ratio,
@@ -172,8 +178,10 @@ class _FeatureLevels(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x_in: Tensor, c_noise: Tensor, label: Tensor | None) -> list[Tensor]:
-        return feature_levels(self.net, x_in, c_noise, label)
+    def forward(
+        self, x_in: Tensor, c_noise: Tensor, label: Tensor | None, c_guide: Tensor | None = None
+    ) -> list[Tensor]:
+        return feature_levels(bind_guidance(self.net, c_guide), x_in, c_noise, label)
 
 
 class _CaptureInput:
@@ -195,7 +203,9 @@ class FDistill(DistillationMethod):
         teacher: path to the teacher (``.ckpt`` from ``lit-gen fit`` or an exported ``.safetensors``).
         net: the generator network; None = the teacher's architecture.
         param: the parameterisation; None = the teacher's.
-        guidance: classifier-free guidance scale of the distilled teacher (1 = unguided).
+        guidance: guidance scale of the distilled teacher (1 = unguided), or [w_min, w_max] for a w-conditioned
+            generator (Meng et al. 2023).
+        guide_teacher: a guiding model for autoguidance of the teacher (Karras et al. 2024).
         init_from_teacher: start generator and fake score from the teacher's weights.
         student_dropout: dropout of the student (and fake score) copied from the teacher; 0 = none (the
             references' setting), null = the teacher's rate.
@@ -248,7 +258,7 @@ class FDistill(DistillationMethod):
         teacher: str,
         net: nn.Module | None = None,
         param: EDM | VP | None = None,
-        guidance: float = 1.0,
+        guidance: float | list[float] = 1.0,
         init_from_teacher: bool = True,
         student_dropout: float | None = 0.0,
         divergence: str = "js",
@@ -280,12 +290,14 @@ class FDistill(DistillationMethod):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
         decay_steps: int = 0,
+        guide_teacher: str | None = None,
     ) -> None:
         super().__init__(
             teacher=teacher,
             net=net,
             param=param,
             guidance=guidance,
+            guide_teacher=guide_teacher,
             init_from_teacher=init_from_teacher,
             student_dropout=student_dropout,
             optimizer=optimizer,
@@ -336,6 +348,8 @@ class FDistill(DistillationMethod):
         # Fake score: a trainable copy of the teacher (DMD §3.2: initialised from the real score), with the
         # students' dropout (0 by default, ALGORITHMS.md §7).
         self.fake_net = trainable_copy(self.teacher_net, self.student_dropout)
+        if self.guidance_range is not None:
+            self.fake_net = with_guidance_embed(self.fake_net)
         # Discriminator heads on the feature levels, needed for r (all divergences but rkl) and the GAN term.
         self.disc: MultiLevelDiscriminator | None = None
         if self.divergence.needs_ratio or self.gan_weight > 0:
@@ -368,29 +382,36 @@ class FDistill(DistillationMethod):
         return [list(f.shape[1:]) for f in levels]
 
     def disc_feature_levels(
-        self, x: Tensor, sigma: Tensor, label: Tensor | None, detach_net: bool = False
+        self, x: Tensor, sigma: Tensor, label: Tensor | None, detach_net: bool = False, w: Tensor | None = None
     ) -> list[Tensor]:
         """The feature levels the head reads at the noisy input x (σ): the frozen teacher's, or the fake score's
-        (``detach_net``: with its weights detached, for the generator's terms). Gradient reaches x if it has one."""
+        (``detach_net``: with its weights detached, for the generator's terms; at the guidance weights ``w`` of a
+        w-conditioned run). Gradient reaches x if it has one."""
         capture = _CaptureInput()
         self.param.denoise(capture, x, sigma, label)
         if self.disc_features == "teacher":
             return feature_levels(self.teacher_net, *capture.args)
         if not detach_net:
-            return feature_levels(self.fake_net, *capture.args)
+            return feature_levels(bind_guidance(self.fake_net, w), *capture.args)
         wrapper = _FeatureLevels(self.fake_net)
         params = {f"net.{name}": p.detach() for name, p in self.fake_net.named_parameters()}
         with eval_mode(self.fake_net):
-            return torch.func.functional_call(wrapper, params, capture.args)
+            return torch.func.functional_call(wrapper, params, capture.args, {"c_guide": w})
 
     def logits(
-        self, x: Tensor, sigma: Tensor, label: Tensor | None, detach_head: bool = False, features_grad: bool = True
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        label: Tensor | None,
+        detach_head: bool = False,
+        features_grad: bool = True,
+        w: Tensor | None = None,
     ) -> Tensor:
         """ℓ_ψ(feature levels of x at σ), shape [B]. ``detach_head``: no gradient to the head's (and a fake-score
         feature net's) weights — the generator's view; ``features_grad`` False: features without gradient."""
         assert self.disc is not None
         with torch.set_grad_enabled(features_grad and torch.is_grad_enabled()):
-            feats = self.disc_feature_levels(x, sigma, label, detach_net=detach_head)
+            feats = self.disc_feature_levels(x, sigma, label, detach_net=detach_head, w=w)
         if not detach_head:
             return self.disc(feats)
         params = {name: p.detach() for name, p in self.disc.named_parameters()}
@@ -438,10 +459,10 @@ class FDistill(DistillationMethod):
         """The generator is trained on optimizer steps 0, update_ratio, 2·update_ratio, ..."""
         return int(self.updates) % self.update_ratio == 0
 
-    def generate(self, z: Tensor, label: Tensor | None) -> Tensor:
-        """G_θ(z) = D_θ(σ_max z; σ_max): one student step from pure noise."""
+    def generate(self, z: Tensor, label: Tensor | None, w: Tensor | None = None) -> Tensor:
+        """G_θ(z[, w]) = D_θ(σ_max z; σ_max[, w]): one student step from pure noise."""
         sigma = torch.full((z.shape[0],), self.param.sigma_max, device=z.device, dtype=torch.float32)
-        return self.param.denoise(self.net, self.param.sigma_max * z, sigma, label)
+        return self.param.denoise(bind_guidance(self.net, w), self.param.sigma_max * z, sigma, label)
 
     # ------------------------------------------------------------------------------------------------ f weights
     def weights(self, logit: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -463,26 +484,31 @@ class FDistill(DistillationMethod):
         return normalized_weights(h, self.reduce_sum), r
 
     # ------------------------------------------------------------------------------------------------ losses
-    def loss_fake_score(self, x0: Tensor, label: Tensor | None) -> Tensor:
+    def loss_fake_score(self, x0: Tensor, label: Tensor | None, w: Tensor | None = None) -> Tensor:
         """Denoising score matching of D_φ on sg(G_θ(z)) at σ from the shared noise distribution, weighted as the
         teacher's own loss (EDM λ(σ) / VP's weighting): DMD eq. 6, DMD2's ``compute_loss_fake``."""
         _, sigma = self.sample_noise(x0.shape[0], x0)
-        return dsm_loss_at(self.param, self.fake_net, x0.detach(), sigma, label).mean()
+        return dsm_loss_at(self.param, bind_guidance(self.fake_net, w), x0.detach(), sigma, label).mean()
 
-    def loss_discriminator(self, x0: Tensor, y: Tensor, label: Tensor | None, real_label: Tensor | None) -> dict:
-        """Logistic loss of the head on noisy generated vs noisy real samples (+ R1 on the real ones)."""
+    def loss_discriminator(
+        self, x0: Tensor, y: Tensor, label: Tensor | None, real_label: Tensor | None, w: Tensor | None = None
+    ) -> dict:
+        """Logistic loss of the head on noisy generated vs noisy real samples (+ R1 on the real ones). With
+        guidance weights ``w`` (one per generated sample) the real rows are read at the same w."""
         b = x0.shape[0]
         sigma_f, sigma_r = self.disc_sigma(b, x0), self.disc_sigma(y.shape[0], y)
         x_fake = x0.detach() + append_dims(sigma_f, x0.ndim).to(x0.dtype) * torch.randn_like(x0)
         x_real = y + append_dims(sigma_r, y.ndim).to(y.dtype) * torch.randn_like(y)
         both_label = None if label is None else torch.cat([label, real_label])
+        w_real = None if w is None else w[torch.arange(y.shape[0], device=w.device) % w.shape[0]]
+        both_w = None if w is None else torch.cat([w, w_real])
         exact_r1 = self.r1_weight > 0 and self.r1_kind == "grad"
         if exact_r1:
             x_real = x_real.detach().requires_grad_(True)
         # Teacher features need no gradient (frozen); a fake-score feature net is trained by this loss (DMD2).
         logit = self.logits(
             torch.cat([x_fake, x_real]), torch.cat([sigma_f, sigma_r]), both_label,
-            features_grad=self.disc_features == "fake_score" or exact_r1,
+            features_grad=self.disc_features == "fake_score" or exact_r1, w=both_w,
         )  # fmt: skip
         logit_fake, logit_real = logit.float().split([b, y.shape[0]])
         out = {"loss": gan_discriminator_loss(logit_real, logit_fake), "logit_fake": logit_fake.detach()}
@@ -495,12 +521,13 @@ class FDistill(DistillationMethod):
                 r1 = grad.pow(2).reshape(grad.shape[0], -1).sum(1).mean()
             else:
                 x_pert = x_real + self.r1_noise * torch.randn_like(x_real)
-                r1 = F.mse_loss(logit_real, self.logits(x_pert, sigma_r, real_label, features_grad=False).float())
+                logit_pert = self.logits(x_pert, sigma_r, real_label, features_grad=False, w=w_real)
+                r1 = F.mse_loss(logit_real, logit_pert.float())
             out["r1"] = r1.detach()
             out["loss"] = out["loss"] + self.r1_weight * r1
         return out
 
-    def loss_generator(self, x0: Tensor, label: Tensor | None) -> dict:
+    def loss_generator(self, x0: Tensor, label: Tensor | None, w: Tensor | None = None) -> dict:
         """f-distill's weighted DM loss (+ λ_GAN · GAN loss) at x_σ = G_θ(z) + σ ε; gradient only to θ.
 
         The teacher and the fake score both run deterministically (eval mode): with fake = teacher the DM gradient
@@ -508,15 +535,15 @@ class FDistill(DistillationMethod):
         u, sigma = self.sample_noise(x0.shape[0], x0)
         x_t = x0 + append_dims(sigma, x0.ndim).to(x0.dtype) * torch.randn_like(x0)
         with torch.no_grad(), eval_mode(self.fake_net):
-            x_teacher = self.teacher_denoise(x_t, sigma, label)
-            x_fake = self.param.denoise(self.fake_net, x_t, sigma, label)
+            x_teacher = self.teacher_denoise(x_t, sigma, label, w)
+            x_fake = self.param.denoise(bind_guidance(self.fake_net, w), x_t, sigma, label)
         out: dict[str, Tensor] = {}
         weight = None
         loss = torch.zeros((), device=x0.device)
         if self.disc is not None:
             # Gradient reaches θ through the feature net only when the GAN term is on.
             with torch.set_grad_enabled(self.gan_weight > 0):
-                logit = self.logits(x_t, sigma, label, detach_head=True).float()
+                logit = self.logits(x_t, sigma, label, detach_head=True, w=w).float()
             if self.gan_weight > 0:
                 mask = self.in_gan_range(sigma).to(logit.dtype)
                 # Mean over the samples in the GAN range (the local count; no sample in range gives 0).
@@ -538,14 +565,15 @@ class FDistill(DistillationMethod):
         b = y.shape[0]
         generator_step = self.is_generator_step()
         z = torch.randn_like(y)
+        w = self.sample_guidance(b, y.device)  # a w-conditioned generator (Meng et al. 2023): one w per sample
         # One generator forward per step; only generator steps keep its graph.
         with torch.set_grad_enabled(generator_step):
-            x0 = self.generate(z, label)
-        fake_loss = self.loss_fake_score(x0, label)
+            x0 = self.generate(z, label, w)
+        fake_loss = self.loss_fake_score(x0, label, w)
         total = fake_loss
         logs: dict[str, Tensor] = {"train/loss_fake": fake_loss.detach()}
         if self.disc is not None:
-            d = self.loss_discriminator(x0, y, label, label)
+            d = self.loss_discriminator(x0, y, label, label, w)
             total = total + d["loss"]
             acc_real, acc_fake = (d["logit_real"] > 0).float(), (d["logit_fake"] < 0).float()
             logs.update(
@@ -565,7 +593,7 @@ class FDistill(DistillationMethod):
                 logs["train/r1"] = d["r1"]
             self._log_histograms(d["logit_fake"], d["logit_real"])
         if generator_step:
-            g = self.loss_generator(x0, label)
+            g = self.loss_generator(x0, label, w)
             total = total + g["loss"]
             logs["train/loss_dm"] = g["dm"].detach()
             if "gan" in g:

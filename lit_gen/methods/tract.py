@@ -17,6 +17,12 @@ unchanged (tc_distill.py, default ``reset=none``). The teacher of phase 0 is the
 teacher stepped with ``teacher_solver``; from phase 1 on it is a distilled student, stepped by one DDIM jump and
 never guided again (it already is).
 
+A w-conditioned student (``guidance: [w_min, w_max]``, Meng et al. 2023) draws w per sample; the phase-0 teacher is
+guided at that w, and every distilled network in the target (self-teacher, the previous phase's student) is called
+at the same w. The labels travel with w as ``GuidedLabel`` through the hops, so the rows a hop evaluates keep their
+own w. The teacher network then carries a zero-initialised w embedding too (it becomes a w-conditioned student at
+the first phase change).
+
 Decisions where the papers and the reference code differ (ALGORITHMS.md §6): the loss is averaged over elements
 (like the rest of lit_gen and Salimans & Ho; TRACT's code sums over pixels, a constant factor that Adam absorbs
 but that changes the meaning of ``gradient_clip_val``); x̂ clipping inside the DDIM jumps is ``clip_denoised``
@@ -37,6 +43,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lit_gen.diffusion import EDM, VP
+from lit_gen.diffusion.guidance import bind_guidance
 from lit_gen.diffusion.tract import (
     GRIDS,
     TEACHER_SOLVERS,
@@ -52,7 +59,7 @@ from lit_gen.diffusion.tract import (
     x_loss_weight,
 )
 from lit_gen.errors import LitGenError
-from lit_gen.methods.distill import DistillationMethod
+from lit_gen.methods.distill import DistillationMethod, GuidedLabel, split_label, with_guidance_embed
 
 EMA_PREFIX = "net_ema."
 
@@ -78,7 +85,9 @@ class TRACT(DistillationMethod):
         seed: seed of the per-step noise/index/dropout RNG (mixed with the step and the rank).
         net: the student network; None = the teacher's architecture.
         param: the parameterisation; None = the teacher's (another one is an error).
-        guidance: classifier-free guidance scale of the phase-0 teacher (1 = unguided).
+        guidance: guidance scale of the phase-0 teacher (1 = unguided), or [w_min, w_max] for a w-conditioned
+            student (Meng et al. 2023).
+        guide_teacher: a guiding model for autoguidance of the phase-0 teacher (Karras et al. 2024).
         init_from_teacher: start the student from the teacher's weights.
         student_dropout: dropout of the student copied from the teacher; 0 = none (the
             references' setting), null = the teacher's rate.
@@ -105,17 +114,19 @@ class TRACT(DistillationMethod):
         seed: int = 0,
         net: nn.Module | None = None,
         param: EDM | VP | None = None,
-        guidance: float = 1.0,
+        guidance: float | list[float] = 1.0,
         init_from_teacher: bool = True,
         student_dropout: float | None = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
+        guide_teacher: str | None = None,
     ) -> None:
         super().__init__(
             teacher=teacher,
             net=net,
             param=param,
             guidance=guidance,
+            guide_teacher=guide_teacher,
             init_from_teacher=init_from_teacher,
             student_dropout=student_dropout,
             optimizer=optimizer,
@@ -146,6 +157,9 @@ class TRACT(DistillationMethod):
         self.seed = int(seed)
         self.grid64 = base_grid(self.param, self.phases.base_steps, self.grid_kind, rho)
 
+        if self.guidance_range is not None and len(self.phases.updates) > 1:
+            # From phase 1 the teacher is a w-conditioned student: give it the (zero, hence inert) w embedding now.
+            self.teacher_net = with_guidance_embed(self.teacher_net).requires_grad_(False).eval()
         # µ_I inference EMA (exported / sampled through describe()["ema_prefix"]) and the µ_S self-teacher.
         self.net_ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.self_teacher = copy.deepcopy(self.net).requires_grad_(False).eval() if target == "tract" else None
@@ -204,10 +218,16 @@ class TRACT(DistillationMethod):
     def teacher_hop(self) -> Hop:
         """Phase 0: the loaded (guided) teacher with ``teacher_solver``; later: the previous student, one DDIM jump."""
         if int(self.phase) == 0:
-            return denoiser_hop(self.teacher_denoise, solver=self.teacher_solver, clip=self.clip)
 
-        def previous_student(x: Tensor, sigma: Tensor, label: Tensor | None) -> Tensor:
-            return self.param.denoise(self.teacher_net, x, sigma, label)
+            def teacher(x: Tensor, sigma: Tensor, cond: Tensor | GuidedLabel | None) -> Tensor:
+                label, w = split_label(cond)
+                return self.teacher_denoise(x, sigma, label, w)
+
+            return denoiser_hop(teacher, solver=self.teacher_solver, clip=self.clip)
+
+        def previous_student(x: Tensor, sigma: Tensor, cond: Tensor | GuidedLabel | None) -> Tensor:
+            label, w = split_label(cond)
+            return self.param.denoise(bind_guidance(self.teacher_net, w), x, sigma, label)
 
         return denoiser_hop(previous_student, solver="euler", clip=self.clip)
 
@@ -216,8 +236,9 @@ class TRACT(DistillationMethod):
         if self.self_teacher is None:
             return self.teacher_hop()
 
-        def self_teacher(x: Tensor, sigma: Tensor, label: Tensor | None) -> Tensor:
-            return self.param.denoise(self.self_teacher, x, sigma, label)
+        def self_teacher(x: Tensor, sigma: Tensor, cond: Tensor | GuidedLabel | None) -> Tensor:
+            label, w = split_label(cond)
+            return self.param.denoise(bind_guidance(self.self_teacher, w), x, sigma, label)
 
         return denoiser_hop(self_teacher, solver="euler", clip=self.clip)
 
@@ -233,9 +254,11 @@ class TRACT(DistillationMethod):
         sigma_t, sigma_t1, sigma_s = (self.grid64[i].to(device=y.device, dtype=dtype) for i in (i_t, i_t1, i_s))
         y = y.to(dtype)
         x_t = y + sigma_t.view(-1, *([1] * (y.ndim - 1))) * torch.randn_like(y)
+        w = self.sample_guidance(y.shape[0], y.device)
+        cond = label if w is None else GuidedLabel(label, w)
         with torch.no_grad():
-            target = closure_target(self.teacher_hop(), self.self_teacher_hop(), x_t, sigma_t, sigma_t1, sigma_s, label)
-        x_hat = self.param.denoise(self.net, x_t, sigma_t, label)
+            target = closure_target(self.teacher_hop(), self.self_teacher_hop(), x_t, sigma_t, sigma_t1, sigma_s, cond)
+        x_hat = self.param.denoise(bind_guidance(self.net, w), x_t, sigma_t, label)
         weight = x_loss_weight(self.param, sigma_t)
         return weight * (x_hat - target).pow(2).reshape(y.shape[0], -1).mean(dim=1)
 

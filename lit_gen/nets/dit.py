@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lit_gen.errors import LitGenError
 from lit_gen.nets.embed import (
     AuxTimeEmbedding,
+    GuidanceEmbedding,
     LabelEmbedding,
     PositionalEmbedding,
     noise_embedding,
@@ -82,9 +83,11 @@ class DiT(Configurable, nn.Module):
         embedding_type: Noise-level features before the embedding MLP, "positional" or "fourier".
         aux_time: Take a second time input ``c_aux`` (MeanFlow's t − r) through a zero-initialised embedding
             (``embed.AuxTimeEmbedding``) added to the conditioning vector; off by default.
+        guidance_embed: Take the guidance weight ``c_guide`` (a w-conditioned distilled student, Meng et al. 2023)
+            through a zero-initialised embedding (``embed.GuidanceEmbedding``) added to the conditioning vector.
     """
 
-    omit_when_default = ("aux_time",)
+    omit_when_default = ("aux_time", "guidance_embed")
 
     def __init__(
         self,
@@ -100,6 +103,7 @@ class DiT(Configurable, nn.Module):
         dropout: float = 0.0,
         embedding_type: str = "positional",
         aux_time: bool = False,
+        guidance_embed: bool = False,
     ) -> None:
         super().__init__()
         if img_resolution % patch_size:
@@ -133,6 +137,7 @@ class DiT(Configurable, nn.Module):
         self._init_weights()
         # Built last (after the init above): a net without it draws the same initial weights as before it existed.
         self.map_aux = AuxTimeEmbedding(embedding_type, NOISE_FREQ_CHANNELS, hidden_size) if aux_time else None
+        self.map_guide = GuidanceEmbedding(NOISE_FREQ_CHANNELS, hidden_size) if guidance_embed else None
 
     def _init_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linears, N(0, 0.02) noise MLP, zero adaLN and final layer."""
@@ -150,11 +155,20 @@ class DiT(Configurable, nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def _condition(self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None = None) -> Tensor:
+    def _condition(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
+    ) -> Tensor:
         freqs = self.map_noise(noise_vector(c_noise, x.shape[0], x.device))
         c = self.t_embedder(freqs.to(self.t_embedder[0].weight.dtype))
         if self.map_aux is not None:
             c = c + self.map_aux(c_aux, x.shape[0], x.device)
+        if self.map_guide is not None and c_guide is not None:
+            c = c + self.map_guide(c_guide, x.shape[0], x.device)
         if self.y_embedder is not None:
             c = c + self.y_embedder(label, x.shape[0])
         return c
@@ -165,14 +179,28 @@ class DiT(Configurable, nn.Module):
             h = block(h, c)
         return h
 
-    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
+    def features(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None = None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
+    ) -> Tensor:
         """Token features after the last block, before the final layer: [B, (img_resolution/patch_size)^2,
         feature_dim]."""
-        return self._tokens(x, self._condition(x, c_noise, label, c_aux))
+        return self._tokens(x, self._condition(x, c_noise, label, c_aux, c_guide))
 
-    def feature_levels(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None) -> list[Tensor]:
+    def feature_levels(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None = None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
+    ) -> list[Tensor]:
         """Token features after blocks ⌈depth/3⌉, ⌈2·depth/3⌉ and depth (deduplicated): [B, T, feature_dim] each."""
-        c = self._condition(x, c_noise, label)
+        c = self._condition(x, c_noise, label, c_aux, c_guide)
         depth = len(self.blocks)
         taps = sorted({max(1, -(-depth // 3)), max(1, -(-2 * depth // 3)), depth})
         h = self.x_embedder(x) + self.pos_embed
@@ -189,10 +217,17 @@ class DiT(Configurable, nn.Module):
         x = tokens.reshape(b, g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, g * p, g * p)
 
-    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
-        """F(x, c_noise, label[, c_aux]) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``,
-        ``c_aux`` without ``aux_time``)."""
-        c = self._condition(x, c_noise, label, c_aux)
+    def forward(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None = None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
+    ) -> Tensor:
+        """F(x, c_noise, label[, c_aux, c_guide]) with the shape of ``x`` (``label`` is ignored when
+        ``num_classes == 0``, ``c_aux`` without ``aux_time``, ``c_guide`` without ``guidance_embed``)."""
+        c = self._condition(x, c_noise, label, c_aux, c_guide)
         h = self._tokens(x, c)
         shift, scale = self.final_adaLN_modulation(c).chunk(2, dim=1)
         return self.unpatchify(self.final_linear(modulate(self.norm_final(h), shift, scale)))

@@ -10,6 +10,12 @@ A second time input ``c_aux`` (MeanFlow's t − r, Geng et al. 2025) enters thro
 built with ``aux_time=True``: its own features, then a zero-initialised linear map added to the noise embedding, so
 at initialisation the net computes exactly what it computes without it (a teacher's weights start it unchanged).
 ``aux_time=False`` (the default) builds nothing and leaves the net's spec as it was.
+
+A guidance weight ``c_guide`` (Meng et al. 2023, "On Distillation of Guided Diffusion Models": a student conditioned
+on the classifier-free guidance weight w; LCM, Luo et al. 2023, the same with a w-embedding MLP) enters the same way
+through ``GuidanceEmbedding`` when a net is built with ``guidance_embed=True``: sinusoidal features of w, then a
+zero-initialised linear map added to the noise embedding, so a teacher's weights start the student unchanged at
+every w. ``c_guide=None`` adds nothing.
 """
 
 from __future__ import annotations
@@ -155,4 +161,36 @@ class AuxTimeEmbedding(nn.Module):
     def forward(self, c_aux: Tensor | float | None, batch_size: int, device: torch.device | None = None) -> Tensor:
         c_aux = torch.zeros(batch_size, device=device) if c_aux is None else c_aux
         feats = self.features(noise_vector(c_aux, batch_size, device))
+        return self.proj(feats.to(self.proj.weight.dtype))
+
+
+class GuidanceEmbedding(nn.Module):
+    """The guidance weight w per sample (Meng et al. 2023, Sec. 4.1: "w-conditioned" student), added to a net's
+    noise embedding.
+
+    Sinusoidal features of w (``PositionalEmbedding`` with the endpoint grid, frequencies 1 … 1e-4, so w in the usual
+    range 0–10 stays below one period of the fastest feature and the map is smooth in w), then ``proj`` — zero-
+    initialised, so the sum the net sees equals its noise embedding at every w until training moves ``proj``. The
+    features are the positional ones whatever the net's noise embedding: random Fourier features of scale 4–16 would
+    oscillate many times over [1, 4] and an unseen w between training draws would land on an unrelated feature.
+    ``c_guide=None`` returns None (nothing is added).
+
+    Args:
+        num_channels: width of the features.
+        out_channels: width of the embedding it is added to.
+    """
+
+    def __init__(self, num_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.features = PositionalEmbedding(num_channels, endpoint=True)
+        self.proj = nn.Linear(num_channels, out_channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(
+        self, c_guide: Tensor | float | None, batch_size: int, device: torch.device | None = None
+    ) -> Tensor | None:
+        if c_guide is None:
+            return None
+        feats = self.features(noise_vector(c_guide, batch_size, device))
         return self.proj(feats.to(self.proj.weight.dtype))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_gen.errors import LitGenError
-from lit_gen.nets.embed import AuxTimeEmbedding, LabelEmbedding, noise_embedding, noise_vector
+from lit_gen.nets.embed import AuxTimeEmbedding, GuidanceEmbedding, LabelEmbedding, noise_embedding, noise_vector
 from lit_gen.spec import Configurable
 
 
@@ -53,9 +53,11 @@ class MLPDenoiser(Configurable, nn.Module):
             with c_noise = ln(sigma)/4, 4 fits the large-sigma denoiser markedly better after the same steps.
         aux_time: Take a second time input ``c_aux`` (MeanFlow's t − r) through a zero-initialised embedding
             (``embed.AuxTimeEmbedding``); off by default.
+        guidance_embed: Take the guidance weight ``c_guide`` (a w-conditioned distilled student, Meng et al. 2023)
+            through a zero-initialised embedding (``embed.GuidanceEmbedding``); off by default.
     """
 
-    omit_when_default = ("aux_time",)
+    omit_when_default = ("aux_time", "guidance_embed")
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class MLPDenoiser(Configurable, nn.Module):
         embedding_type: str = "fourier",
         fourier_scale: float = 4.0,
         aux_time: bool = False,
+        guidance_embed: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -86,12 +89,22 @@ class MLPDenoiser(Configurable, nn.Module):
         nn.init.zeros_(self.proj_out.bias)
         # Built last: a net without it draws the same initial weights as before it existed.
         self.map_aux = AuxTimeEmbedding(embedding_type, emb_dim, emb_dim, fourier_scale) if aux_time else None
+        self.map_guide = GuidanceEmbedding(emb_dim, emb_dim) if guidance_embed else None
 
-    def _hidden(self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None = None) -> list[Tensor]:
+    def _hidden(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
+    ) -> list[Tensor]:
         """The residual stream after every block, [B, hidden] each."""
         emb = self.map_noise(noise_vector(c_noise, x.shape[0], x.device)).to(self.proj_in.weight.dtype)
         if self.map_aux is not None:
             emb = emb + self.map_aux(c_aux, x.shape[0], x.device)
+        if self.map_guide is not None and c_guide is not None:
+            emb = emb + self.map_guide(c_guide, x.shape[0], x.device)
         if self.map_label is not None:
             emb = emb + self.map_label(label, x.shape[0])
         cond = self.map_cond(emb)
@@ -102,19 +115,38 @@ class MLPDenoiser(Configurable, nn.Module):
             out.append(h)
         return out if out else [h]
 
-    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
+    def features(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None = None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
+    ) -> Tensor:
         """The last hidden layer, ``silu(norm(h))`` before the output projection: [B, feature_dim]."""
-        return F.silu(self.norm_out(self._hidden(x, c_noise, label, c_aux)[-1]))
+        return F.silu(self.norm_out(self._hidden(x, c_noise, label, c_aux, c_guide)[-1]))
 
     def feature_levels(
-        self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None = None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
     ) -> list[Tensor]:
         """The residual stream after every block but the last, then ``features``: [B, feature_dim] each (the
         multi-level discriminator reads all of them)."""
-        hidden = self._hidden(x, c_noise, label, c_aux)
+        hidden = self._hidden(x, c_noise, label, c_aux, c_guide)
         return [*hidden[:-1], F.silu(self.norm_out(hidden[-1]))]
 
-    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
-        """F(x, c_noise, label[, c_aux]) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``,
-        ``c_aux`` without ``aux_time``)."""
-        return self.proj_out(self.features(x, c_noise, label, c_aux))
+    def forward(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None = None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
+    ) -> Tensor:
+        """F(x, c_noise, label[, c_aux, c_guide]) with the shape of ``x`` (``label`` is ignored when
+        ``num_classes == 0``, ``c_aux`` without ``aux_time``, ``c_guide`` without ``guidance_embed``)."""
+        return self.proj_out(self.features(x, c_noise, label, c_aux, c_guide))

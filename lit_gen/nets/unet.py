@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_gen.errors import LitGenError
-from lit_gen.nets.embed import AuxTimeEmbedding, LabelEmbedding, noise_embedding, noise_vector
+from lit_gen.nets.embed import AuxTimeEmbedding, GuidanceEmbedding, LabelEmbedding, noise_embedding, noise_vector
 from lit_gen.spec import Configurable
 
 SKIP_SCALE = math.sqrt(0.5)  # residual sums are scaled by 1/sqrt(2) to keep unit variance (DDPM++).
@@ -150,9 +150,11 @@ class UNet(Configurable, nn.Module):
             exactly EDM's DDPM++).
         aux_time: Take a second time input ``c_aux`` (MeanFlow's t − r) through a zero-initialised embedding
             (``embed.AuxTimeEmbedding``) added to the noise embedding; off by default.
+        guidance_embed: Take the guidance weight ``c_guide`` (a w-conditioned distilled student, Meng et al. 2023)
+            through a zero-initialised embedding (``embed.GuidanceEmbedding``); off by default.
     """
 
-    omit_when_default = ("aux_time",)
+    omit_when_default = ("aux_time", "guidance_embed")
 
     def __init__(
         self,
@@ -169,6 +171,7 @@ class UNet(Configurable, nn.Module):
         channel_mult_emb: int = 4,
         adaptive_scale: bool = True,
         aux_time: bool = False,
+        guidance_embed: bool = False,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -233,11 +236,21 @@ class UNet(Configurable, nn.Module):
         nn.init.zeros_(self.out_conv.bias)
         # Built last: a net without it draws the same initial weights as before it existed.
         self.map_aux = AuxTimeEmbedding(embedding_type, model_channels, model_channels) if aux_time else None
+        self.map_guide = GuidanceEmbedding(model_channels, model_channels) if guidance_embed else None
 
-    def _embed(self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None = None) -> Tensor:
+    def _embed(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
+    ) -> Tensor:
         emb = self.map_noise(noise_vector(c_noise, x.shape[0], x.device)).to(self.map_layer0.weight.dtype)
         if self.map_aux is not None:
             emb = emb + self.map_aux(c_aux, x.shape[0], x.device)
+        if self.map_guide is not None and c_guide is not None:
+            emb = emb + self.map_guide(c_guide, x.shape[0], x.device)
         if self.map_label is not None:
             emb = emb + self.map_label(label, x.shape[0])
         emb = F.silu(self.map_layer0(emb))
@@ -253,17 +266,29 @@ class UNet(Configurable, nn.Module):
             h = block(h, emb)
         return h, skips
 
-    def features(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
+    def features(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None = None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
+    ) -> Tensor:
         """Bottleneck activations [B, feature_dim, R, R], R = img_resolution / 2^(len(channel_mult) - 1)."""
-        return self._encode(x, self._embed(x, c_noise, label, c_aux))[0]
+        return self._encode(x, self._embed(x, c_noise, label, c_aux, c_guide))[0]
 
     def feature_levels(
-        self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None = None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
     ) -> list[Tensor]:
         """Encoder activations at every resolution, finest first: the last block of each level [B, C_l, R_l, R_l]
         and, for the lowest level, the bottleneck output. FastGen's EDM discriminator reads these levels
         (32/16/8 for CIFAR-10) instead of the bottleneck alone; so do lit_gen's multi-level heads."""
-        emb = self._embed(x, c_noise, label, c_aux)
+        emb = self._embed(x, c_noise, label, c_aux, c_guide)
         h = self.conv_in(x)
         levels: list[Tensor] = []
         for block in self.enc:
@@ -274,10 +299,17 @@ class UNet(Configurable, nn.Module):
             h = block(h, emb)
         return [*levels, h]
 
-    def forward(self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, c_aux: Tensor | None = None) -> Tensor:
-        """F(x, c_noise, label[, c_aux]) with the shape of ``x`` (``label`` is ignored when ``num_classes == 0``,
-        ``c_aux`` without ``aux_time``)."""
-        emb = self._embed(x, c_noise, label, c_aux)
+    def forward(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        label: Tensor | None = None,
+        c_aux: Tensor | None = None,
+        c_guide: Tensor | None = None,
+    ) -> Tensor:
+        """F(x, c_noise, label[, c_aux, c_guide]) with the shape of ``x`` (``label`` is ignored when
+        ``num_classes == 0``, ``c_aux`` without ``aux_time``, ``c_guide`` without ``guidance_embed``)."""
+        emb = self._embed(x, c_noise, label, c_aux, c_guide)
         h, skips = self._encode(x, emb)
         for block, takes_skip in zip(self.dec, self._dec_takes_skip, strict=True):
             if takes_skip:
