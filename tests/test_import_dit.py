@@ -36,8 +36,18 @@ def sincos_2d(dim: int, grid: int) -> np.ndarray:
     return np.concatenate([one_d(dim // 2, cols), one_d(dim // 2, rows)], axis=1)
 
 
-def dit_state_dict(learn_sigma: bool = True) -> dict[str, torch.Tensor]:
-    """A tiny DiT in facebookresearch/DiT's key layout, every tensor random (nothing zero-initialised)."""
+def dit_state_dict(
+    learn_sigma: bool = True,
+    hidden: int = HIDDEN,
+    depth: int = DEPTH,
+    patch: int = PATCH,
+    side: int = SIDE,
+    classes: int = CLASSES,
+    ch: int = CH,
+) -> dict[str, torch.Tensor]:
+    """A DiT in facebookresearch/DiT's key layout (tiny by default), every tensor random (nothing zero-initialised).
+    benchmarks/import_teachers.py writes the DiT-XL/2 size with it."""
+    HIDDEN, DEPTH, PATCH, CH, SIDE, CLASSES = hidden, depth, patch, ch, side, classes  # noqa: N806
     gen = torch.Generator().manual_seed(0)
     out_ch = 2 * CH if learn_sigma else CH
 

@@ -168,7 +168,7 @@ def to_output(x: Any, info: dict[str, Any], device: Any = "cpu") -> Any:
 
 
 def describe_data(info: dict[str, Any]) -> str:
-    """``image [3, 32, 32]``, ``latent [4, 32, 32] of AutoencoderKL 1a2b3c4d5e6f``: for error messages."""
+    """``image [3, 32, 32]``, ``latent [4, 32, 32] of VAE 1a2b3c4d5e6f`` (its fingerprint): for error messages."""
     text = f"{info.get('kind')} {list(info.get('shape', []))}"
     vae = info.get("vae") if info.get("kind") == "latent" else None
     return f"{text} of VAE {str(vae.get('fingerprint'))[:12]}" if isinstance(vae, dict) else text
@@ -177,9 +177,9 @@ def describe_data(info: dict[str, Any]) -> str:
 def check_compatible(expected: dict[str, Any], info: dict[str, Any], where: str) -> None:
     """Raise unless ``info`` (shards) holds the kind of data ``expected`` (a model's data description) was trained
     on: the same kind, and for latents the same VAE (fingerprint) and scaling. Shapes are checked by the caller."""
-    if not expected:
+    kind, theirs = (expected or {}).get("kind"), info.get("kind")
+    if kind is None or theirs is None:  # a partial description (no kind): nothing to compare
         return
-    kind, theirs = expected.get("kind"), info.get("kind")
     if kind != theirs:
         hint = "; encode the images with `lit-gen shards SRC --encode VAE`" if kind == "latent" else ""
         raise LitGenError(
