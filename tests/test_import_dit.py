@@ -80,8 +80,13 @@ def dit_state_dict(
     return state
 
 
-def dit_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """DiT's forward pass (Peebles & Xie 2023, Sec. 3.2, adaLN-Zero blocks), from its equations."""
+def dit_forward(
+    sd: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, heads: int = HEADS
+) -> torch.Tensor:
+    """DiT's forward pass (Peebles & Xie 2023, Sec. 3.2, adaLN-Zero blocks), from its equations; the sizes are read
+    from the tensors (benchmarks/import_teachers.py runs it at DiT-XL/2 size)."""
+    HIDDEN, _, PATCH, _ = sd["x_embedder.proj.weight"].shape  # noqa: N806
+    DEPTH, HEADS, SIDE = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), heads, x.shape[-1]  # noqa: N806
     b = x.shape[0]
     h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=PATCH)
     h = h.flatten(2).transpose(1, 2) + sd["pos_embed"]

@@ -198,3 +198,22 @@ def test_student_trains_on_latents_and_decodes(latent_teacher: tuple[Path, Path]
     run_cli("shards", "builtin:digits", "--out", tmp_path / "lat_other", "--image-size", IMAGE, "--encode", other)
     err = _fit_error(capsys, *fit, "--data.init_args.shards", tmp_path / "lat_other")
     assert "another VAE" in err
+
+
+@pytest.mark.slow
+def test_fdistill_on_latents(latent_teacher: tuple[Path, Path], tmp_path: Path) -> None:
+    """f-distill (JS, discriminator head on the DiT's last-block tokens) trains a few steps on latent shards and its
+    one-step student decodes to PNG."""
+    _, teacher = latent_teacher
+    run_cli(
+        "shards", "builtin:digits", "--out", tmp_path / "lat", "--image-size", IMAGE, "--encode", teacher,
+        "--no-progress",
+    )  # fmt: skip
+    root = tmp_path / "run"
+    run_cli(
+        "fit", "-c", REPO / "recipes/digits/fdistill.yaml", "--model.init_args.teacher", teacher,
+        "--data.init_args.shards", tmp_path / "lat", "--data.init_args.batch_size", 8,
+        "--trainer.default_root_dir", root, "--trainer.max_steps", 3, "--trainer.enable_progress_bar", "false",
+    )  # fmt: skip
+    run_cli("sample", "--ckpt", root / "checkpoints" / "last.ckpt", "--n", 4, "--out", tmp_path / "f.png")
+    assert Image.open(tmp_path / "f.png").mode == "RGB"
