@@ -78,11 +78,16 @@ def read_vae_source(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]
         config = vae_config(read_json(path / "config.json", "VAE config"), str(path))
         return config, read_model_weights(path), path.resolve()
     if path.suffix == ".safetensors":
-        from lit_gen.export import read_model_file
+        from safetensors import SafetensorError, safe_open
 
-        description, tensors = read_model_file(path)
+        try:  # only the VAE's tensors are read, not the (possibly 3 GB) denoiser's
+            with safe_open(str(path), framework="pt") as handle:
+                description = json.loads((handle.metadata() or {}).get("lit_gen", "{}"))
+                keys = [k for k in handle.keys() if k.startswith(VAE_PREFIX)]
+                vae = {k[len(VAE_PREFIX) :]: handle.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise LitGenError(f"cannot read {path} (truncated or not a safetensors file?): {err}") from None
         record = (description.get("data") or {}).get("vae")
-        vae = {k[len(VAE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
         if record is None or not vae:
             raise LitGenError(f"{path} carries no VAE (only an imported latent teacher does); pass the VAE folder")
         return dict(record["config"]), vae, path.resolve()

@@ -217,3 +217,22 @@ def test_fdistill_on_latents(latent_teacher: tuple[Path, Path], tmp_path: Path) 
     )  # fmt: skip
     run_cli("sample", "--ckpt", root / "checkpoints" / "last.ckpt", "--n", 4, "--out", tmp_path / "f.png")
     assert Image.open(tmp_path / "f.png").mode == "RGB"
+
+
+def test_check_compatible_kinds_and_vaes() -> None:
+    """Latent data of another VAE (fingerprint) or scaling, or pixels, do not pass for a latent model's data."""
+    from lit_gen.data.info import check_compatible
+    from lit_gen.errors import LitGenError
+    from lit_gen.latents import latent_info
+
+    record = {"fingerprint": "ab" * 32, "scaling_factor": 0.18215, "shift_factor": 0.0}
+    mine = latent_info(record, [4, 8, 8], 0)
+    check_compatible(mine, latent_info(dict(record), [4, 8, 8], 0), "m")
+    check_compatible(mine, {"shape": [4, 8, 8]}, "m")  # a partial description: nothing to compare
+    for other in ({**record, "fingerprint": "cd" * 32}, {**record, "scaling_factor": 0.13025}):
+        with pytest.raises(LitGenError, match="another VAE"):
+            check_compatible(mine, latent_info(other, [4, 8, 8], 0), "m")
+    with pytest.raises(LitGenError, match="m was trained on latent .* but the shards hold image"):
+        check_compatible(mine, {"kind": "image", "shape": [3, 16, 16]}, "m")
+    with pytest.raises(LitGenError, match="source holds latent"):
+        check_compatible(mine, latent_info({**record, "fingerprint": "0"}, [4, 8, 8], 0), "source", "holds")

@@ -174,7 +174,7 @@ def describe_data(info: dict[str, Any]) -> str:
     return f"{text} of VAE {str(vae.get('fingerprint'))[:12]}" if isinstance(vae, dict) else text
 
 
-def check_compatible(expected: dict[str, Any], info: dict[str, Any], where: str) -> None:
+def check_compatible(expected: dict[str, Any], info: dict[str, Any], where: str, what: str = "was trained on") -> None:
     """Raise unless ``info`` (shards) holds the kind of data ``expected`` (a model's data description) was trained
     on: the same kind, and for latents the same VAE (fingerprint) and scaling. Shapes are checked by the caller."""
     kind, theirs = (expected or {}).get("kind"), info.get("kind")
@@ -182,14 +182,12 @@ def check_compatible(expected: dict[str, Any], info: dict[str, Any], where: str)
         return
     if kind != theirs:
         hint = "; encode the images with `lit-gen shards SRC --encode VAE`" if kind == "latent" else ""
-        raise LitGenError(
-            f"{where} was trained on {describe_data(expected)} but the shards hold {describe_data(info)}{hint}"
-        )
+        raise LitGenError(f"{where} {what} {describe_data(expected)} but the shards hold {describe_data(info)}{hint}")
     if kind == "latent":
         from lit_gen.latents import same_vae
 
         if not same_vae(expected["vae"], info["vae"]):
             raise LitGenError(
-                f"{where} was trained on {describe_data(expected)} but the shards hold {describe_data(info)}: latents "
+                f"{where} {what} {describe_data(expected)} but the shards hold {describe_data(info)}: latents "
                 "of another VAE (or another scaling_factor/shift_factor); encode them with the teacher's VAE"
             )
