@@ -176,10 +176,11 @@ def describe_data(info: dict[str, Any]) -> str:
 
 def check_compatible(expected: dict[str, Any], info: dict[str, Any], where: str, what: str = "was trained on") -> None:
     """Raise unless ``info`` (shards) holds the kind of data ``expected`` (a model's data description) was trained
-    on: the same kind, and for latents the same VAE (fingerprint) and scaling. Shapes are checked by the caller."""
+    on, where latents are involved: both latent, of the same VAE (fingerprint) and scaling. Shapes (and image vs
+    points) are checked by the caller."""
     kind, theirs = (expected or {}).get("kind"), info.get("kind")
-    if kind is None or theirs is None:  # a partial description (no kind): nothing to compare
-        return
+    if kind is None or theirs is None or "latent" not in (kind, theirs):
+        return  # a partial description, or pixels vs points: the callers' shape checks say it
     if kind != theirs:
         hint = "; encode the images with `lit-gen shards SRC --encode VAE`" if kind == "latent" else ""
         raise LitGenError(f"{where} {what} {describe_data(expected)} but the shards hold {describe_data(info)}{hint}")
