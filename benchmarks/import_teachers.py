@@ -8,6 +8,11 @@
    and D(x, σ) of the imported teacher is compared with the original network's.
 2. google/ddpm-cifar10-32's architecture (diffusers UNet2DModel, 35.7M parameters, DDPMScheduler linear ε): saved
    with save_pretrained, imported with --check in a subprocess; the conformance report is printed.
+3. DiT-XL/2 256x256 (facebookresearch DiT .pt layout, 675M parameters, learned σ, 1000 classes) + the Stable
+   Diffusion VAE architecture (AutoencoderKL, 83.7M): imported with --format dit --arch DiT-XL/2 --vae (no --check:
+   its 16-sample grid would take many CPU minutes), wall time and peak RSS.
+4. A tiny latent pipeline (tests/test_import_latents.py: AutoencoderKL + DiTTransformer2DModel): import --check, and
+   `lit-gen shards builtin:digits --image-size 16 --encode` of 1797 images.
 Nothing is downloaded. Set OMP_NUM_THREADS=1 on shared machines.
 """
 
@@ -106,10 +111,75 @@ def ddpm(out: Path) -> None:
     print(json.dumps(report))
 
 
+def dit_xl2(out: Path) -> None:
+    import diffusers
+
+    from tests.test_import_dit import dit_state_dict
+
+    torch.manual_seed(0)
+    state = dit_state_dict(hidden=1152, depth=28, patch=2, side=32, classes=1000)
+    n_params = sum(v.numel() for k, v in state.items() if k != "pos_embed")
+    torch.save(state, out / "DiT-XL-2-256x256.pt")
+    del state
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+    )  # fmt: skip
+    vae.save_pretrained(out / "sd-vae")
+    vae_params = sum(p.numel() for p in vae.parameters())
+    del vae
+    target = out / "dit_xl2_256.safetensors"
+    wall, rss, text = timed_import(
+        str(out / "DiT-XL-2-256x256.pt"), "--arch", "DiT-XL/2", "--vae", str(out / "sd-vae"), "--out", str(target)
+    )
+    print(
+        f"DiT-XL/2 .pt ({n_params / 1e6:.1f}M parameters) + SD-VAE architecture ({vae_params / 1e6:.1f}M): import "
+        f"{wall:.1f} s, peak RSS {rss:.0f} MiB, file {target.stat().st_size / 2**20:.0f} MiB; {text.strip()}"
+    )
+    # Fidelity at full size: the imported network against DiT's forward pass written from its equations
+    # (tests/test_import_dit.py), float32, 2 latents at 4 timesteps, labels including the null class.
+    from lit_gen.export import load_model
+    from tests.test_import_dit import dit_forward
+
+    state = torch.load(out / "DiT-XL-2-256x256.pt", weights_only=True)
+    model = load_model(target)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 32, 32, generator=gen)
+    worst = 0.0
+    with torch.no_grad():
+        for t, y in ((0.0, 0), (250.0, 207), (600.0, 999), (999.0, 1000)):
+            tt, yy = torch.full((2,), t), torch.full((2,), y)
+            ref = dit_forward(state, x, tt, yy, heads=16)[:, :4]
+            worst = max(worst, float((model.net(x, tt, yy) - ref).abs().max()))
+            scale = float(ref.abs().max())
+    print(f"DiT-XL/2 imported vs DiT's equations, fp32: max |Δε̂| = {worst:.2e} (|ε̂| up to {scale:.1f})")
+
+
+def latent_pipeline(out: Path) -> None:
+    from tests.test_import_latents import make_latent_pipeline
+
+    folder = make_latent_pipeline(out / "tiny-latent-pipeline")
+    wall, rss, text = timed_import(str(folder), "--out", str(out / "tiny_latent.safetensors"), "--check")
+    report = json.loads((out / "tiny_latent.safetensors.check.json").read_text())
+    print(f"tiny latent pipeline: import + --check {wall:.1f} s, peak RSS {rss:.0f} MiB")
+    print(json.dumps(report))
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_gen.cli", "shards", "builtin:digits", "--image-size", "16", "--encode",
+         str(out / "tiny_latent.safetensors"), "--out", str(out / "digits_latents"), "--no-progress"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    print(f"shards --encode (1797 digits at 16x16 -> 4x8x8 latents): {time.perf_counter() - start:.1f} s wall "
+          f"(process start included); {proc.stdout.strip()}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench/import")
-    parser.add_argument("--only", choices=("edm", "ddpm"), default=None)
+    parser.add_argument("--only", choices=("edm", "ddpm", "dit", "latent"), default=None)
     ns = parser.parse_args()
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +187,10 @@ def main() -> None:
         edm(out)
     if ns.only in (None, "ddpm"):
         ddpm(out)
+    if ns.only in (None, "latent"):
+        latent_pipeline(out)
+    if ns.only in (None, "dit"):
+        dit_xl2(out)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,9 @@ def _cmd_shards(ns: argparse.Namespace) -> None:
         val_fraction=ns.val_fraction,
         workers=ns.workers,
         progress=not ns.no_progress,
+        encode=ns.encode,
+        encode_mode=ns.encode_mode,
+        device=ns.device,
     )
     where = f"{ns.out}/train" if ns.val_fraction > 0 else ns.out
     print(
@@ -224,7 +227,7 @@ def _cmd_sample(ns: argparse.Namespace) -> None:
     kind = model.data_info["kind"]
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-        array = samples.round().clamp(0, 255).to(torch.uint8) if kind == "image" else samples
+        array = samples.round().clamp(0, 255).to(torch.uint8) if kind in ("image", "latent") else samples
         np.save(out, array.numpy())
     else:
         save_png(samples_picture(samples, kind), out)
@@ -324,6 +327,10 @@ def _tools_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction in OUT/val (OUT/train)")
     p.add_argument("--workers", type=int, default=1, help="parallel encoding processes (same bytes for any value)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    # Latent shards (issue 17): images -> a diffusers AutoencoderKL's latents x scaling_factor (lit_gen.latents).
+    p.add_argument("--encode", default=None, help="VAE folder, pipeline folder with vae/, or latent teacher file")
+    p.add_argument("--encode-mode", default="sample", help="--encode: sample (posterior draw, default) or mean")
+    p.add_argument("--device", default="cpu", help="--encode: where the VAE runs (default cpu)")
     p.set_defaults(func=_cmd_shards)
 
     p = sub.add_parser("sample", help="sample from a checkpoint or exported file to a PNG picture or .npy array")

@@ -28,10 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lit_gen.data.info import denormalize
+from lit_gen.data.info import to_output
 from lit_gen.diffusion import SAMPLERS, AutoGuidanceDenoiser, CFGDenoiser, sample, schedule_from_grid
 from lit_gen.diffusion.guidance import GuidanceBound
 from lit_gen.errors import LitGenError, load_torch_file
+from lit_gen.latents import split_carried_vae
 from lit_gen.spec import build
 
 NET_PREFIX = "net."
@@ -271,7 +272,7 @@ class LoadedModel:
             )
             out.append(x.float().cpu())
         x = torch.cat(out)
-        return x if raw else denormalize(x, self.data_info)
+        return x if raw else to_output(x, self.data_info, device)  # latents: decoded to pixels by their VAE
 
 
 def usable_device(device: str) -> torch.device:
@@ -289,6 +290,7 @@ def load_model(path: str | Path, weights: str = "ema") -> LoadedModel:
     """Rebuild the denoiser from a ``.ckpt`` or exported ``.safetensors`` — the path is all it needs (a teacher
     exported with ``--guide`` brings its guiding model along, as ``LoadedModel.guide``)."""
     description, tensors = read_model_file(path, weights)
+    tensors, description = split_carried_vae(tensors, description, path)  # a latent teacher's VAE stays aside
     guide = None
     if description.get("guide") is not None:
         guide_tensors = net_weights(tensors, GUIDE_PREFIX)

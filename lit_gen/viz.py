@@ -42,8 +42,9 @@ def points_picture(points: torch.Tensor | np.ndarray, size: int = 256, extent: f
 
 
 def samples_picture(samples: torch.Tensor, kind: str) -> np.ndarray:
-    """The picture for samples in data units: an image grid for ``kind == "image"``, else a point density."""
-    return image_grid(samples) if kind == "image" else points_picture(samples)
+    """The picture for samples as ``LoadedModel.sample`` returns them: an image grid for images and for latents
+    (which it returns decoded to pixels by their VAE), else a point density."""
+    return image_grid(samples) if kind in ("image", "latent") else points_picture(samples)
 
 
 def save_png(picture: np.ndarray, path: str | Path) -> Path:

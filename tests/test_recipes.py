@@ -16,7 +16,8 @@ from tests.conftest import REPO
 
 TRAIN_RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name not in ("scale", "pipelines"))
 # GPU-scale recipes: instantiated on the CPU with tiny random shards of the recipe's data shape.
-IMAGE_SHAPES = {"cifar10": (3, 32, 32, 10), "imagenet64": (3, 64, 64, 1000)}
+# recipes/imported: their teachers are files the user imports (absent here): parsed, like other big-teacher recipes.
+IMAGE_SHAPES = {"cifar10": (3, 32, 32, 10), "imagenet64": (3, 64, 64, 1000), "imported": (3, 32, 32, 10)}
 RUN_ONE_STEP = {"toy2d", "digits", "cifar10"}  # imagenet64's network is too big for a quick CPU step
 # A JVP step (MeanFlow) of the 56M-parameter CIFAR net took ~3.5 min here: instantiated and checked, not trained.
 INSTANTIATE_ONLY = {"cifar10/meanflow"}

@@ -51,7 +51,7 @@ import lightning as L
 import torch
 import webdataset as wds
 
-from lit_gen.data.info import INFO_NAME, read_info
+from lit_gen.data.info import INFO_NAME, check_compatible, read_info
 from lit_gen.data.stream import (
     Collate,
     DataWarning,
@@ -289,6 +289,7 @@ class ShardDataModule(L.LightningDataModule):
                     f"shard source {part!r} holds {info['kind']} {info['shape']} but {parts[0]!r} holds "
                     f"{first['kind']} {first['shape']}; mixed sources must match"
                 )
+            check_compatible(first, info, f"shard source {parts[0]!r}", "holds")  # latents: the same VAE
             if info["normalize"] != first["normalize"]:
                 warnings.warn(
                     f"shard source {part!r} has its own normalisation; all sources use the one of {parts[0]!r}",
@@ -316,6 +317,7 @@ class ShardDataModule(L.LightningDataModule):
                 f"validation shards {spec!r} hold {val_info['kind']} {val_info['shape']} but the training shards hold "
                 f"{self._info['kind']} {self._info['shape']}"
             )
+        check_compatible(self._info, val_info, "the training shards", "hold")  # latents: the same VAE
 
     @property
     def info(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Layout written to ``out``::
 
-    shard-000000.tar, shard-000001.tar, ...   samples: <key>.png (images) or <key>.npy (points), <key>.cls (class)
+    shard-000000.tar, shard-000001.tar, ...   samples: <key>.png (images) or <key>.npy (points, latents),
+                                              <key>.cls (class)
     dataset.json                              what the shards hold and how to normalise them (see ``info.py``);
                                               also ``shard_sizes`` (samples per shard) and the creating command
 
@@ -15,6 +16,11 @@ folders, row for arrays); samples are written in a ``seed``-shuffled order so th
 folder sorted by class would otherwise give single-class shards). The output is byte-identical for the same source
 and arguments, whatever ``workers``: tar headers carry a fixed mtime, owner and mode, PNGs carry no metadata, and
 samples are written in a fixed order.
+
+With ``encode=VAE`` (``lit-gen shards SRC --encode VAE``) the images are encoded by a diffusers ``AutoencoderKL``
+(a VAE folder, a pipeline folder with ``vae/``, or an imported latent teacher carrying one) and the shards hold its
+latents × ``scaling_factor`` as float32 ``.npy`` (``kind: "latent"``, see ``lit_gen.latents``), encoded in batches
+in this process; the same source, arguments and batch size give the same bytes.
 """
 
 from __future__ import annotations
@@ -68,6 +74,10 @@ def write_shards(
     val_fraction: float = 0.0,
     workers: int = 1,
     progress: bool = False,
+    encode: str | Path | None = None,
+    encode_mode: str = "sample",
+    device: str = "cpu",
+    encode_batch: int = 64,
 ) -> dict:
     """Write ``source`` as WebDataset shards plus ``dataset.json`` into ``out``.
 
@@ -98,6 +108,11 @@ def write_shards(
         workers: Processes encoding samples in parallel (PNG compression dominates the cost). The output is
             byte-identical for any value: samples are encoded out of order but written in order.
         progress: Show a progress bar (tqdm) on stderr, when it is a terminal.
+        encode: A VAE (``AutoencoderKL`` folder, pipeline folder with ``vae/``, or a lit_gen latent teacher file):
+            write its latents of the images instead of the images (``kind: "latent"``); None writes pixels.
+        encode_mode: "sample" (a posterior draw seeded by ``(seed, sample index)``, as DiT trains) or "mean".
+        device: Where the VAE encodes.
+        encode_batch: Images per VAE call.
 
     Returns:
         The ``dataset.json`` content (of the training split when ``val_fraction > 0``).
@@ -113,6 +128,10 @@ def write_shards(
     src = _open_source(str(source), image_size, seed)
     if src.n == 0:
         raise LitGenError(f"source {source} holds no samples")
+    latent = None
+    if encode is not None:
+        latent = _LatentEncoder(src, encode, encode_mode, device, encode_batch, seed)
+        src = latent.latent_source()
     order = np.random.default_rng([seed, 1]).permutation(src.n)
     n_val = 0 if val_fraction == 0 else max(1, int(round(src.n * val_fraction)))
     if n_val >= src.n:
@@ -131,7 +150,8 @@ def write_shards(
     normalization = _normalization(src, splits[0][1])
     width = max(6, len(str(src.n - 1)))
     infos = []
-    with _Encoder(src, workers) as encoder, _progress(src.n, progress, str(out)) as bar:
+    encoder_cm = latent if latent is not None else _Encoder(src, workers)
+    with encoder_cm as encoder, _progress(src.n, progress, str(out)) as bar:
         for folder, indices in splits:
             written, sizes = _write_split(encoder, src, folder, indices, shard_size, width, bar)
             info = {
@@ -147,6 +167,8 @@ def write_shards(
                 "source": str(source),
                 "command": command,
             }
+            if latent is not None:
+                info["vae"] = latent.record
             if n_val:
                 info["split"] = folder.name
             (folder / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
@@ -220,6 +242,61 @@ class _Encoder:
         _ENCODE_SOURCE = None
 
 
+class _LatentEncoder:
+    """Encodes image samples to VAE latents in order, ``batch`` images per VAE call, in this process; the same
+    interface as ``_Encoder`` (``encode(indices)`` yields ``.npy`` bytes in order)."""
+
+    def __init__(self, src: _Source, vae: str | Path, mode: str, device: str, batch: int, seed: int) -> None:
+        from lit_gen.latents import ENCODE_MODES, build_vae, read_vae_source, vae_record
+
+        if src.kind != "image":
+            raise LitGenError(f"--encode turns images into VAE latents; this source holds {src.kind}")
+        if mode not in ENCODE_MODES:
+            raise LitGenError(f"unknown encode mode {mode!r}; choose one of {', '.join(ENCODE_MODES)}")
+        if batch < 1:
+            raise LitGenError(f"the encode batch must be at least 1, got {batch}")
+        import torch
+
+        config, tensors, path = read_vae_source(vae)
+        self.vae = build_vae(config, tensors, str(path)).to(device)
+        channels = int(config.get("in_channels", 3))
+        if src.shape[0] not in (channels, 1):
+            raise LitGenError(f"the VAE {path} takes {channels}-channel images, the source has {src.shape[0]}")
+        self.src, self.mode, self.batch, self.seed = src, mode, batch, seed
+        self.record = vae_record(config, tensors, path, [channels, *src.shape[1:]], mode)
+        with torch.no_grad():
+            self.shape = list(self._latents(np.array([0]), noise=False).shape[1:])
+
+    def latent_source(self) -> _Source:
+        return _Source("latent", self.shape, self.src.n, self.src.get, self.src.labels, self.src.class_names)
+
+    def _latents(self, indices: np.ndarray, noise: bool = True) -> Any:
+        import torch
+
+        from lit_gen.data.stream import seed_of
+        from lit_gen.latents import encode_images
+
+        pixels = torch.from_numpy(np.stack([self.src.get(int(i)) for i in indices]))
+        draws = None
+        if noise and self.mode == "sample":
+            draws = torch.stack(
+                [torch.randn(self.shape, generator=torch.Generator().manual_seed(seed_of(self.seed, 2, int(i))))
+                 for i in indices]
+            )  # fmt: skip
+        return encode_images(self.vae, self.record, pixels, draws)
+
+    def __enter__(self) -> _LatentEncoder:
+        return self
+
+    def encode(self, indices: np.ndarray) -> Any:
+        for start in range(0, len(indices), self.batch):
+            for z in self._latents(indices[start : start + self.batch]).numpy():
+                yield wds.numpy_dumps(np.ascontiguousarray(z, dtype=np.float32))
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def _progress(total: int, enabled: bool, where: str) -> Any:
     """A tqdm progress bar on stderr when ``enabled`` and stderr is a terminal (a no-op bar otherwise)."""
     from tqdm import tqdm
@@ -240,6 +317,8 @@ def _normalization(src: _Source, indices: np.ndarray) -> dict[str, Any]:
     """Images: uint8 -> [-1, 1]. Points: centre per dimension, scale so the points ``indices`` have std 0.5."""
     if src.kind == "image":
         return {"shift": 127.5, "scale": 127.5}
+    if src.kind == "latent":  # already (E(x) − shift_factor)·scaling_factor: roughly unit variance by design
+        return {"shift": 0.0, "scale": 1.0}
     points = np.stack([src.get(int(i)) for i in np.sort(indices)]).astype(np.float64)
     mean = points.mean(axis=0)
     std = float(np.sqrt(((points - mean) ** 2).mean()))

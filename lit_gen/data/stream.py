@@ -117,7 +117,7 @@ class SampleDecoder:
     key, undecodable bytes, wrong shape), which the stream counts as a skipped sample.
 
     Args:
-        kind: "image" (``.png``, decoded by webdataset's ``imagehandler``) or "points" (``.npy``).
+        kind: "image" (``.png``, decoded by webdataset's ``imagehandler``), "points" or "latent" (``.npy``).
         shape: The shape every sample must have (``dataset.json``).
         null_label: Class given to samples without ``.cls`` (0 for unconditional data; ``num_classes``, the null
             class, for unlabelled sources mixed with labelled ones).

@@ -149,8 +149,9 @@ def is_digits(info: dict[str, Any]) -> bool:
 
 
 def default_features(info: dict[str, Any]) -> str:
-    """The feature space ``fd`` means for this data: raw for points, digits for 1x8x8 images, else Inception."""
-    if info["kind"] == "points":
+    """The feature space ``fd`` means for this data: raw for points and latents (the Fréchet distance in latent
+    space; score decoded images against pixel shards for Inception), digits for 1x8x8 images, else Inception."""
+    if info["kind"] in ("points", "latent"):
         return "raw"
     return "digits" if is_digits(info) else "inception"
 
@@ -173,7 +174,12 @@ def feature_network(
             raise LitGenError("raw values have no class logits: the Inception score needs images")
         return RawFeatures(info["shape"]).eval()
     if info["kind"] != "image":
-        raise LitGenError(f"the {name} feature network is for images, but the reference shards hold points")
+        hint = (
+            " (score against pixel shards of the same images: samples are decoded)" if info["kind"] == "latent" else ""
+        )
+        raise LitGenError(
+            f"the {name} feature network is for images, but the reference shards hold {info['kind']}{hint}"
+        )
     if name == "digits":
         if not is_digits(info):
             raise LitGenError(

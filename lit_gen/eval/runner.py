@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lit_gen.data.builtin import mixture_metrics
+from lit_gen.data.info import check_compatible, denormalize
 from lit_gen.diffusion import SAMPLERS
 from lit_gen.errors import LitGenError
 from lit_gen.eval.features import default_features, feature_network
@@ -205,13 +206,29 @@ class Evaluator:
         return min(len(self.reference), DEFAULT_MAX_N)
 
     def check(self, data: dict[str, Any] | None, where: str) -> None:
-        """Raise when a model's data (its description's ``data``) is not the reference's kind and shape."""
+        """Raise when a model's data (its description's ``data``) is not the reference's kind and shape.
+
+        A latent model scores against latent shards of the same VAE (in latent space), or against image shards of
+        its VAE's image shape (its samples decoded to pixels, ``decodes``)."""
         if data is None:
             raise LitGenError(f"{where} has no data description; cannot check it against {self.ref}")
+        if self.decodes(data):
+            image_shape = [int(s) for s in data["vae"]["image_shape"]]
+            if image_shape != [int(s) for s in self.info["shape"]]:
+                raise LitGenError(
+                    f"{where} decodes to images {image_shape}, but {self.ref} holds images {self.info['shape']}"
+                )
+            return
         mine = (self.info["kind"], [int(s) for s in self.info["shape"]])
         theirs = (data.get("kind"), [int(s) for s in data.get("shape", [])])
         if mine != theirs:
             raise LitGenError(f"{where} generates {theirs[0]} {theirs[1]}, but {self.ref} holds {mine[0]} {mine[1]}")
+        if mine[0] == "latent":
+            check_compatible(data, self.info, where)
+
+    def decodes(self, data: dict[str, Any]) -> bool:
+        """Whether a model of ``data`` is scored on its decoded images (a latent model against pixel shards)."""
+        return data.get("kind") == "latent" and self.info["kind"] == "image"
 
     def score(self, samples: torch.Tensor) -> dict[str, float]:
         """Every configured metric of ``samples`` (data units, as ``LoadedModel.sample`` returns them).
@@ -286,6 +303,9 @@ class Evaluator:
         # Likelihood metrics score the reference under the model: once per model, the same in every row.
         wanted = [m for m in self.metrics if m in LIKELIHOOD_METRICS]
         likelihood = {}
+        decode = self.decodes(loaded.data_info)
+        if wanted and decode:
+            raise LitGenError(f"{', '.join(wanted)} of a latent model need latent reference shards (--encode)")
         if wanted:
             likelihood = likelihood_scores(
                 loaded,
@@ -312,7 +332,9 @@ class Evaluator:
                     device=device or self.device,
                     guidance=guidance,
                     allow_extrapolation=allow_extrapolation,
+                    raw=not decode,
                 )
+                samples = samples if decode else denormalize(samples, loaded.data_info)  # latents stay latents
             row: dict[str, Any] = {
                 "model": where,
                 "method": loaded.description.get("method", "?"),

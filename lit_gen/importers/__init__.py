@@ -1,7 +1,8 @@
 """Teachers from elsewhere: each module turns one source format into the one lit_gen teacher format.
 
 ``diffusers`` (pipeline or model folders, diffusers' own model classes behind ``nets.diffusers_adapter``) and
-``edm_pickle`` (NVlabs EDM ``network-snapshot-*.pkl``, read without executing the pickle). The output is a
+``edm_pickle`` (NVlabs EDM ``network-snapshot-*.pkl``, read without executing the pickle) and ``dit``
+(facebookresearch DiT/SiT ``.pt`` state dicts, mapped onto diffusers' ``DiTTransformer2DModel``). The output is a
 ``.safetensors`` file whose metadata holds the same description ``lit-gen export`` writes, so ``lit-gen sample``,
 ``lit-gen eval`` and every distillation recipe's ``--model.init_args.teacher`` read it unchanged.
 """
@@ -43,8 +44,10 @@ def write_teacher(
     data: dict[str, Any],
     source: dict[str, Any],
     sampling: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``net``'s weights and the self-describing description to ``out`` (atomically, via a temporary file)."""
+    """Write ``net``'s weights and the self-describing description to ``out`` (atomically, via a temporary file);
+    ``extra`` tensors (a latent teacher's VAE under ``latents.VAE_PREFIX``) travel in the same file."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise LitGenError(f"--out must end in .safetensors, got {out}")
@@ -61,6 +64,7 @@ def write_teacher(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    tensors.update({k: v.detach().contiguous() for k, v in (extra or {}).items()})
     save_file(tensors, str(tmp), metadata={"lit_gen": json.dumps(description)})
     tmp.replace(out)
     return out

@@ -14,7 +14,7 @@ FORMATS: dict[str, str] = {
     "diffusers": "a diffusers pipeline folder (model_index.json) or a model folder + scheduler config",
     "edm": "an NVlabs EDM network-snapshot .pkl (DDPM++ nets), read without running the pickle",
     "edm2": "NVlabs EDM2 .pkl: refused (its magnitude-preserving U-Net has no lit_gen counterpart yet)",
-    "dit": "facebookresearch DiT/SiT .pt state dicts: refused (not mapped yet)",
+    "dit": "a facebookresearch DiT .pt state dict (--arch, --vae), onto diffusers' DiTTransformer2DModel",
 }
 
 
@@ -31,7 +31,14 @@ def detect_format(src: Path) -> str:
 
 
 def run_import(
-    src: str | Path, out: str | Path, fmt: str = "auto", check: bool = False, param: str = "native"
+    src: str | Path,
+    out: str | Path,
+    fmt: str = "auto",
+    check: bool = False,
+    param: str = "native",
+    arch: str | None = None,
+    vae: str | Path | None = None,
+    heads: int | None = None,
 ) -> dict[str, Any]:
     """Import ``src`` into ``out``; with ``check`` also write the conformance report beside it (``OUT.check.json``)
     a grid of samples at the teacher's default sampler (``OUT.samples.png``), and fail when the imported denoiser
@@ -56,13 +63,11 @@ def run_import(
             "MP-add) has no lit_gen network yet"
         )
     else:
-        from lit_gen.errors import load_torch_file
-        from lit_gen.importers.diffusers import state_dict_of
+        from lit_gen.importers import dit as importer  # type: ignore[no-redef]
 
-        state_dict_of(load_torch_file(src, f"state dict {src}"), src)  # a .pt that is no state dict: its own line
-        raise LitGenError(f"{src}: DiT/SiT .pt state dicts are not mapped yet; convert it to a diffusers folder first")
+        report = importer.import_dit(src, out, arch, vae, heads, param)
     if check:
-        result = importer.conformance(out, src)
+        result = importer.conformance(out, src, vae) if fmt == "dit" else importer.conformance(out, src)
         Path(str(out) + ".check.json").write_text(json.dumps(result, indent=2) + "\n")
         result["samples"] = str(_sample_grid(out))
         report["check"] = result
@@ -82,7 +87,7 @@ def _sample_grid(out: str | Path, n: int = 16, steps: int = 10) -> Path:
 
 
 def _cmd_import(ns: argparse.Namespace) -> None:
-    report = run_import(ns.src, ns.out, ns.format, ns.check, ns.param)
+    report = run_import(ns.src, ns.out, ns.format, ns.check, ns.param, ns.arch, ns.vae, ns.heads)
     print(
         f"imported {ns.src} ({report.get('model_class', '')}, {report['parameters']:,} parameters) to {ns.out} "
         f"in {report['seconds']:.1f}s"
@@ -104,4 +109,7 @@ def add_parser(sub: Any) -> None:
         "EDM preconditioning, for consistency distillation)",
     )
     p.add_argument("--check", action="store_true", help="compare with the source and write OUT.check.json")
+    p.add_argument("--arch", default=None, help="dit only: the model size, DiT-XL/2 ... DiT-S/8 (DiT's Table 1)")
+    p.add_argument("--heads", type=int, default=None, help="dit only: attention heads of a size not in the table")
+    p.add_argument("--vae", default=None, help="dit only: the AutoencoderKL folder of its latents (sd-vae-ft-ema)")
     p.set_defaults(func=_cmd_import)

@@ -32,6 +32,7 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 SHARDED_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DENOISER_TOL = 1e-5  # float64 max |D_lit − x̂_ref| for a faithful import (the issue's bound)
 DDIM_TOL = 1e-4  # float64 max |x_lit − x_ref| after the DDIM loop
+VAE_TOL = 1e-3  # float32 max |pixels_lit − pixels_ref| of the carried VAE's decode, in 0..255 units
 UNSUPPORTED_SCHEDULER_KEYS = {
     "trained_betas": "a hand-given β table",
     "rescale_betas_zero_snr": "zero terminal SNR (ᾱ_T = 0 is σ = ∞ in VE coordinates)",
@@ -121,8 +122,9 @@ def state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def scheduler_param(config: dict[str, Any], where: Path) -> DiscreteVP:
-    """The ``DiscreteVP`` of a diffusers scheduler config (``DDPMScheduler``/``DDIMScheduler`` keys)."""
+def scheduler_param(config: dict[str, Any], where: Path, latent: bool = False) -> DiscreteVP:
+    """The ``DiscreteVP`` of a diffusers scheduler config (``DDPMScheduler``/``DDIMScheduler`` keys). Latents
+    (× the VAE's scaling_factor) have unit variance by design, so their σ_data is 1; pixels in [-1, 1] have 0.5."""
     for key, why in UNSUPPORTED_SCHEDULER_KEYS.items():
         if config.get(key):
             raise LitGenError(f"{where}: {key} ({why}) is not supported by lit_gen's discrete VP parameterisation")
@@ -137,6 +139,7 @@ def scheduler_param(config: dict[str, Any], where: Path) -> DiscreteVP:
         prediction_type=config.get("prediction_type", "epsilon"),
         timestep_spacing=config.get("timestep_spacing", "leading"),
         steps_offset=int(config.get("steps_offset", 0)),
+        sigma_data=1.0 if latent else 0.5,
     )
 
 
@@ -169,23 +172,61 @@ def import_diffusers(src: str | Path, out: str | Path, param_view: str = "native
     """Import the diffusers teacher at ``src`` into ``out`` (.safetensors); returns a short report.
 
     ``param_view`` "native" writes (DiffusersNet, DiscreteVP); "edm" writes (EDMView(DiffusersNet, DiscreteVP),
-    EDM with σ_d = 0.5 and the table's σ range): the same D(x; σ), seen as EDM's c_skip x + c_out F."""
+    EDM with σ_d = 0.5 (1 for latents) and the table's σ range): the same D(x; σ), seen as EDM's c_skip x + c_out F.
+    A pipeline with a ``vae/`` (``AutoencoderKL``) is a latent teacher: its data is ``kind: "latent"`` and the
+    VAE's tensors travel in the same file (``lit_gen.latents``)."""
     if param_view not in PARAM_VIEWS:
         raise LitGenError(f"unknown --param {param_view!r}; choose one of {', '.join(PARAM_VIEWS)}")
     start = time.perf_counter()
-    model_dir, scheduler_file, vae = find_parts(src)
-    if vae is not None:
-        raise LitGenError(
-            f"{src} is a latent pipeline (it has a VAE); lit_gen does not import latent teachers yet (pixel only)"
-        )
-    param = scheduler_param(read_json(scheduler_file, "scheduler config"), scheduler_file)
+    model_dir, scheduler_file, vae_dir = find_parts(src)
+    vae = read_vae(vae_dir) if vae_dir is not None else None
+    param = scheduler_param(read_json(scheduler_file, "scheduler config"), scheduler_file, latent=vae is not None)
     net, config = build_net(model_dir)
     resolution = config.get("sample_size") or 0
     resolution = resolution[0] if isinstance(resolution, list) else resolution
     if not resolution:
         raise LitGenError(f"{model_dir}/config.json has no sample_size (the image resolution)")
-    data = pixel_data_info(net.in_channels, int(resolution), net.num_classes)
     source = {"format": "diffusers", "path": str(src), "class": net.model_class, "scheduler": str(scheduler_file)}
+    return finish_import(out, net, param, int(resolution), source, vae, param_view, start)
+
+
+def read_vae(vae_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, tensors) of a latent pipeline's ``vae/`` (an ``AutoencoderKL``), checked by building it."""
+    from lit_gen.latents import build_vae, vae_config
+
+    config = vae_config(read_json(vae_dir / "config.json", "VAE config"), str(vae_dir))
+    tensors = read_model_weights(vae_dir)
+    build_vae(config, tensors, str(vae_dir))  # shapes and keys checked now, not when the first sample decodes
+    return config, tensors
+
+
+def finish_import(
+    out: str | Path,
+    net: DiffusersNet,
+    param: DiscreteVP,
+    resolution: int,
+    source: dict[str, Any],
+    vae: tuple[dict[str, Any], dict[str, torch.Tensor]] | None,
+    param_view: str,
+    start: float,
+) -> dict[str, Any]:
+    """Write the teacher: pixel data, or latent data carrying the VAE (``lit_gen.latents``); the ``--param`` view."""
+    extra = None
+    if vae is None:
+        data = pixel_data_info(net.in_channels, resolution, net.num_classes)
+    else:
+        from lit_gen.latents import VAE_PREFIX, downsample_factor, latent_info, vae_record
+
+        config, tensors = vae
+        if int(config.get("latent_channels", 4)) != net.in_channels:
+            raise LitGenError(
+                f"the VAE makes {config.get('latent_channels')}-channel latents but the denoiser takes "
+                f"{net.in_channels} channels"
+            )
+        side = resolution * downsample_factor(config)
+        record = vae_record(config, tensors, None, [int(config.get("in_channels", 3)), side, side], "sample")
+        data = latent_info(record, [net.in_channels, resolution, resolution], net.num_classes)
+        extra = {VAE_PREFIX + k: v for k, v in tensors.items()}
     sampling = {"sampler": "ddim", "steps": 50}
     model_class = net.model_class
     if param_view == "edm":
@@ -193,11 +234,12 @@ def import_diffusers(src: str | Path, out: str | Path, param_view: str = "native
         from lit_gen.nets.edm_view import EDMView
         from lit_gen.spec import describe
 
-        view = EDMView(describe(net), describe(param), sigma_data=0.5, num_classes=net.num_classes)
+        view = EDMView(describe(net), describe(param), sigma_data=param.sigma_data, num_classes=net.num_classes)
         view.inner.load_state_dict(net.state_dict())
-        net, param = view.eval().requires_grad_(False), EDM(sigma_min=param.sigma_min, sigma_max=param.sigma_max)
+        edm = EDM(sigma_data=param.sigma_data, sigma_min=param.sigma_min, sigma_max=param.sigma_max)
+        net, param = view.eval().requires_grad_(False), edm
         sampling = {"sampler": "heun", "steps": 18}
-    write_teacher(out, net, param, data, source, sampling)
+    write_teacher(out, net, param, data, source, sampling, extra)
     return {
         "out": str(out),
         "model_class": model_class,
@@ -247,7 +289,7 @@ def conformance(out: str | Path, src: str | Path, batch: int = 4, ddim_steps: in
 
     diffusers_logging.set_verbosity_error()  # its advice to install accelerate / dtype notes are not our report
 
-    model_dir, scheduler_file, _ = find_parts(src)
+    model_dir, scheduler_file, vae_dir = find_parts(src)
     loaded = load_model(out)
     net: DiffusersNet = getattr(loaded.net, "inner", loaded.net)  # type: ignore[assignment]
     discrete: DiscreteVP = getattr(loaded.net, "inner_param", loaded.param)
@@ -270,8 +312,14 @@ def conformance(out: str | Path, src: str | Path, batch: int = 4, ddim_steps: in
         den, ddim = _compare(loaded, net, discrete, reference, sched, batch, ddim_steps, seed, dtype)
         report[f"denoiser_max_abs_{tag}"] = den
         report[f"ddim_max_abs_{tag}"] = ddim
+    loaded.net.to(torch.float32)
+    vae_ok = True
+    if vae_dir is not None:  # the carried VAE, read back from the file, against diffusers' from_pretrained decode
+        report["vae_decode_max_abs_fp32"] = _compare_vae(loaded.data_info, vae_dir, batch, seed)
+        vae_ok = report["vae_decode_max_abs_fp32"] <= VAE_TOL
     report["faithful"] = bool(
-        report["denoiser_max_abs_fp64"] <= DENOISER_TOL
+        vae_ok
+        and report["denoiser_max_abs_fp64"] <= DENOISER_TOL
         and report["ddim_max_abs_fp64"] <= DDIM_TOL
         and report["parameters_lit_gen"] == report["parameters_source"]
     )
@@ -313,3 +361,18 @@ def _compare(
     sigmas = param.sigmas_uniform_t(steps, dtype=dtype)
     x_lit = sample_ddim(denoiser, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels)
     return worst, float((x_lit - x_ref).abs().max())
+
+
+def _compare_vae(info: dict[str, Any], vae_dir: Path, batch: int, seed: int) -> float:
+    """max |decode_lit(z) − decode_ref(z)| in 0..255 pixel units, float32: lit_gen's decode of the VAE carried in
+    the teacher file against diffusers' ``AutoencoderKL.from_pretrained(vae/).decode(z / scale + shift)``."""
+    from diffusers import AutoencoderKL
+
+    from lit_gen.latents import decode_latents
+
+    record = info["vae"]
+    reference = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    z = torch.randn(batch, *info["shape"], generator=torch.Generator().manual_seed(seed + 1))
+    expected = reference.decode(z / record["scaling_factor"] + record["shift_factor"]).sample
+    expected = (expected.clamp(-1, 1) + 1) * 127.5
+    return float((decode_latents(z, info) - expected).abs().max())

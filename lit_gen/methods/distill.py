@@ -39,6 +39,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from lit_gen.data.info import check_compatible
 from lit_gen.diffusion import EDM, VP, guide
 from lit_gen.errors import LitGenError
 from lit_gen.export import LoadedModel, load_model
@@ -296,6 +297,7 @@ class DistillationMethod(GenerativeMethod):
     # ------------------------------------------------------------------------------------------------ data checks
     def attach_data(self, info: dict[str, Any]) -> None:
         teacher_info = self.teacher_description.get("data") or {}
+        check_compatible(teacher_info, info, f"the teacher {self.teacher_path}")  # kind, and the VAE of latents
         if teacher_info and list(teacher_info.get("shape", [])) != list(info["shape"]):
             raise LitGenError(
                 f"the teacher {self.teacher_path} was trained on data of shape {teacher_info['shape']} but the "

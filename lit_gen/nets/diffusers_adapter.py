@@ -65,9 +65,13 @@ class DiffusersNet(Configurable, nn.Module):
         config: the model's diffusers config (its ``config.json``).
         num_classes: the number of real classes (``class_count`` of the config; recorded so that lit_gen's
             class-conditional code reads it from ``init_args`` as for its own networks); must match the config.
+        timestep_freq_shift: if set, the ``downscale_freq_shift`` of the model's sinusoidal timestep features
+            (diffusers' DiT uses 1; a facebookresearch DiT ``.pt`` was trained with 0, ``importers.dit``).
     """
 
-    def __init__(self, model_class: str, config: dict[str, Any], num_classes: int = 0) -> None:
+    def __init__(
+        self, model_class: str, config: dict[str, Any], num_classes: int = 0, timestep_freq_shift: float | None = None
+    ) -> None:
         super().__init__()
         cls = diffusers_class(model_class)
         config = {k: v for k, v in config.items() if k not in _CONFIG_ONLY_KEYS}
@@ -78,6 +82,10 @@ class DiffusersNet(Configurable, nn.Module):
             )
         self.model_class = model_class
         self.model = cls.from_config(config)
+        if timestep_freq_shift is not None:  # facebookresearch DiT: frequencies exp(−ln 10⁴·i/half), i.e. shift 0
+            for module in self.model.modules():
+                if type(module).__name__ == "Timesteps":
+                    module.downscale_freq_shift = float(timestep_freq_shift)
         cfg = self.model.config
         self.in_channels = int(cfg.in_channels)
         out_channels = int(cfg.out_channels or cfg.in_channels)
