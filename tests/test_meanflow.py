@@ -217,11 +217,12 @@ def _fit_constant(targets: torch.Tensor, power: float, steps: int = 400) -> torc
 
 
 def test_adaptive_weight_is_mode_seeking_in_two_dimensions() -> None:
-    """Why recipes/toy2d/meanflow.yaml trains with adaptive_power 0: MeanFlow's target is the *conditional*
-    velocity ε − x, so given z_t it is a random variable whose mean is the right answer. With w = 1/(‖Δ‖² + c) the
-    stationary point solves E[Δ/(‖Δ‖² + c)] = 0; in 2-D that pulls u onto one mode of a multimodal target (the
-    measured 1-step collapse: 3 of 5 modes, TV 0.503); in image dimensions ‖Δ‖² concentrates, w is nearly constant
-    and the minimiser is the mean again (the paper's p = 1). p = 0 (plain squared error) gives the mean anywhere."""
+    """A property of the adaptive weight that matters on 2-D data (issue 19 diagnosis): MeanFlow's target is the
+    *conditional* velocity ε − x, a random variable given z_t whose mean is the right answer. With w = 1/(‖Δ‖² + c)
+    (stop-gradient) the stationary point solves E[Δ/(‖Δ‖² + c)] = 0, which in 2-D pulls u onto one mode of a
+    multimodal target (a candidate cause of the toy's 1-step mode loss); in higher dimensions ‖Δ‖² concentrates,
+    w is nearly constant and the fit is the mean again (the paper's p = 1 on images). p = 0 gives the mean anywhere.
+    (Measured: p = 0 on the toy did not help either, 1-step off-mode 94 % at step 1000 — see RESULTS.md.)"""
     gen = torch.Generator().manual_seed(0)
     side = torch.where(torch.rand(400, generator=gen) < 0.6, -1.0, 1.0)
     for dim in (2, 64):
