@@ -22,8 +22,13 @@ class ``num_classes``.
 
 Bad data: a shard that cannot be opened or is truncated, a sample that does not decode, lacks its key or has the
 wrong shape is skipped, counted and warned about (naming the shard); the count reaches the training process inside
-the batches and is logged as ``data/skipped`` (summed over ranks). More than ``max_skipped_fraction`` skipped stops
-the run with a one-line error.
+the batches and is logged as ``data/skipped`` (every loss each time it is met, summed over ranks) and
+``data/damaged`` (each damaged shard's loss and each undecodable sample counted once; the largest rank's count).
+The ceiling judges the data set, not the first window read: the run stops with a one-line error only when the
+damaged samples exceed ``max_skipped_fraction`` of the data set (of this rank's share in epoch mode; of the samples
+read so far, after 10,000, when shard sizes are unknown), so a few damaged shards in a large data set are warned
+about, counted, logged and summarised at the end of the fit, while a data set that cannot be read at all (no sample
+decodes: a wrong kind or shape) stops before the first batch.
 
 Exact resume: the stream position (batches delivered, and each worker's raw sample position on every rank) is saved
 in the checkpoint, both in Lightning's fit-loop state (the loader is stateful) and in this DataModule's
@@ -177,8 +182,8 @@ class ShardDataModule(L.LightningDataModule):
             proportional to their sample counts, i.e. every sample equally likely.
         resampled: True: endless seeded resampling of shards, fixed-length epochs. False: exact epochs, every
             sample once per epoch, shards split over ranks and workers.
-        max_skipped_fraction: Stop the run with an error when more than this fraction of the samples read had to
-            be skipped as unreadable (checked after 1000 samples).
+        max_skipped_fraction: Stop the run with an error when more than this fraction of the data set is found
+            damaged (broken shards' losses and undecodable samples, each counted once; see above).
     """
 
     def __init__(
@@ -194,7 +199,7 @@ class ShardDataModule(L.LightningDataModule):
         info_file: str | None = None,
         weights: list[float] | None = None,
         resampled: bool = True,
-        max_skipped_fraction: float = 0.05,
+        max_skipped_fraction: float = 0.1,
         global_batch_size: int | None = None,
         cache_mb: float = 0.0,
     ) -> None:
@@ -429,29 +434,46 @@ class ShardDataModule(L.LightningDataModule):
             self._train_loader.load_state_dict(self._pending_state)
 
     def data_stats(self) -> dict[str, int]:
-        """Counters of this rank's training stream: batches and samples delivered, samples skipped."""
+        """Counters of this rank's training stream: batches and samples delivered, samples skipped (each time met)
+        and damaged (distinct)."""
         loader = self._train_loader
         if loader is None:
-            return {"batches": 0, "samples": 0, "skipped": 0}
-        return {"batches": loader.delivered, "samples": loader.samples, "skipped": loader.skipped}
+            return {"batches": 0, "samples": 0, "skipped": 0, "damaged": 0}
+        return {
+            "batches": loader.delivered,
+            "samples": loader.samples,
+            "skipped": loader.skipped,
+            "damaged": loader.damaged,
+        }
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Log ``data/skipped`` (summed over ranks) every ``log_every_n_steps`` training steps."""
+        """Log ``data/skipped`` (summed over ranks) and ``data/damaged`` (largest rank) every ``log_every_n_steps``
+        training steps."""
         trainer = self.trainer
         if trainer is None or not trainer.training or not trainer.loggers or self._train_loader is None:
             return batch
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-            counts = torch.tensor([float(self._train_loader.skipped)], device=trainer.strategy.root_device)
-            total = trainer.strategy.reduce(counts, reduce_op="sum") if trainer.world_size > 1 else counts
+            device = trainer.strategy.root_device
+            skipped = torch.tensor([float(self._train_loader.skipped)], device=device)
+            damaged = torch.tensor([float(self._train_loader.damaged)], device=device)
+            if trainer.world_size > 1:
+                skipped = trainer.strategy.reduce(skipped, reduce_op="sum")
+                damaged = trainer.strategy.reduce(damaged, reduce_op="max")
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
-                    logger.log_metrics({"data/skipped": float(total[0])}, step=trainer.global_step)
+                    metrics = {"data/skipped": float(skipped[0]), "data/damaged": float(damaged[0])}
+                    logger.log_metrics(metrics, step=trainer.global_step)
         return batch
 
     def teardown(self, stage: str) -> None:
-        """Stop the training stream's worker processes."""
-        if self._train_loader is not None:
-            self._train_loader.close()
+        """Stop the training stream's worker processes; after a fit, one line on the damaged data it met."""
+        if self._train_loader is None:
+            return
+        self._train_loader.close()
+        summary = self._train_loader.damage_summary()
+        trainer = getattr(self, "trainer", None)
+        if summary and stage == "fit" and (trainer is None or trainer.is_global_zero):
+            warnings.warn(f"data: {summary}", DataWarning, 2)
 
     def _decode_stages(self) -> list[Any]:
         decoder = SampleDecoder(self._info["kind"], self._info["shape"])

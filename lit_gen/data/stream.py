@@ -167,31 +167,67 @@ def _one_line(err: BaseException) -> str:
 
 
 class _Errors:
-    """Per-worker count of skipped samples, one warning per shard (naming it), and a guard against a stream that
-    can make no progress at all (it would otherwise loop over failing shards forever)."""
+    """Per-worker count of skipped samples, one warning per shard (naming it), the damage the main process judges
+    the data set by, and two guards against a stream that cannot make progress at all (it would otherwise loop over
+    failing shards forever): shards that give no samples, and samples that never decode.
 
-    def __init__(self, give_up_after: int) -> None:
+    ``skipped`` counts every loss, each time it is met (a truncated shard drawn again by the resampled stream loses
+    its tail again): it is what the run could not train on, logged as ``data/skipped``. ``damage`` lists what was met
+    since the last batch as identities — ``(url, lost)`` for a shard that broke off, ``(url, key)`` for a sample that
+    did not decode — so that the loader counts each damaged shard's loss once (``StreamLoader.damaged``).
+    """
+
+    def __init__(self, give_up_after: int, never_decoded_after: int = 64) -> None:
         self.skipped = 0
         self.failed_shards = 0
         self.warned: set[str] = set()
         self.bad_shards_in_a_row = 0
         self.give_up_after = give_up_after
+        self.broken: list[tuple[str, int]] = []  # (shard url, samples lost) since the last batch
+        self.undecodable: list[tuple[str, str]] = []  # (shard url, sample key) since the last batch
+        self.decoded = self.not_decoded = 0
+        self.not_decoded_urls: set[str] = set()
+        self.never_decoded_after = never_decoded_after
+        self.first_error = ""
 
     def _warn(self, url: str, message: str) -> None:
         if url not in self.warned:
             self.warned.add(url)
             warnings.warn(f"{message} (further problems in this shard are counted silently)", DataWarning, 2)
 
-    def sample(self, sample: dict[str, Any], err: BaseException) -> None:
+    def sample(self, sample: dict[str, Any], err: BaseException, size: int | None = None) -> None:
+        """A sample that did not decode. Every sample failing (a wrong ``kind`` or shape in ``dataset.json``, a
+        decoder that cannot read this data) is systematic, not damage: after ``never_decoded_after`` failures from
+        at least two shards (or the whole data set, ``size``) without one success the stream stops."""
         self.skipped += 1
-        url = str(sample.get("__url__", "?"))
-        self._warn(url, f"skipped sample {sample.get('__key__', '?')} of shard {url}: {_one_line(err)}")
+        url, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
+        self.undecodable.append((url, key))
+        self.not_decoded += 1
+        self.not_decoded_urls.add(url)
+        self.first_error = self.first_error or _one_line(err)
+        self._warn(url, f"skipped sample {key} of shard {url}: {_one_line(err)}")
+        if (
+            not self.decoded
+            and self.not_decoded >= self.never_decoded_after
+            and (len(self.not_decoded_urls) >= 2 or (size is not None and self.not_decoded >= size))
+        ):
+            raise _FatalDataError(
+                f"none of the first {self.not_decoded} samples (from {len(self.not_decoded_urls)} shards) could be "
+                f"decoded: {self.first_error}; check the data kind and shape in dataset.json"
+            )
 
     def shard(self, url: str, err: BaseException, read: int, expected: int | None) -> None:
         lost = max(1, expected - read) if expected is not None else 1
         self.skipped += lost
         self.failed_shards += 1
+        self.broken.append((url, lost))
         self._warn(url, f"skipped the rest of shard {url} after {read} samples ({lost} lost): {_one_line(err)}")
+
+    def take_damage(self) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+        """What was met since the last call (sent to the main process with the next batch)."""
+        out = (self.broken, self.undecodable)
+        self.broken, self.undecodable = [], []
+        return out
 
     def progress(self, read: int, url: str, err: BaseException | None) -> None:
         self.bad_shards_in_a_row = 0 if read else self.bad_shards_in_a_row + 1
@@ -269,6 +305,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.decoders = [SampleDecoder(info["kind"], info["shape"], 0 if s.labelled else classes) for s in sources]
         self.collate = Collate(info)
         self.num_urls = sum(len(s.urls) for s in sources)
+        known = all(s.sizes is not None for s in sources)
+        self.num_samples = sum(sum(s.sizes) for s in sources) if known else None  # type: ignore[arg-type]
         self.segment = SEGMENT
         # Set by StreamLoader before each DataLoader iterator is made (workers get a copy). Resampled mode:
         # {"start": batches this stream delivered, "seed": stream seed, "raw": {slot: raw position}}; epoch mode:
@@ -386,18 +424,22 @@ class ShardStream(torch.utils.data.IterableDataset):
                 elif isinstance(decoded, Exception):
                     raise decoded
                 batch.append(decoded)
-            except Exception as err:  # an undecodable sample is skipped and counted, never fatal
-                errors.sample(sample, err)
+                errors.decoded += 1
+            except Exception as err:  # an undecodable sample is skipped and counted (fatal only if none decode)
+                errors.sample(sample, err, self.num_samples)
                 continue
             if len(batch) == size:
-                yield self._emit(batch, pos, slot, errors.skipped - reported)
+                yield self._emit(batch, pos, slot, errors.skipped - reported, errors)
                 reported, batch = errors.skipped, []
         if partial and batch:
-            yield self._emit(batch, pos, slot, errors.skipped - reported)
+            yield self._emit(batch, pos, slot, errors.skipped - reported, errors)
 
-    def _emit(self, batch: list[tuple[torch.Tensor, int]], pos: int, slot: int, skipped: int) -> dict[str, Any]:
+    def _emit(
+        self, batch: list[tuple[torch.Tensor, int]], pos: int, slot: int, skipped: int, errors: _Errors
+    ) -> dict[str, Any]:
         out: dict[str, Any] = self.collate(batch)
-        out.update(_raw=pos, _skipped=skipped, _slot=slot)
+        broken, undecodable = errors.take_damage()
+        out.update(_raw=pos, _skipped=skipped, _slot=slot, _broken=broken, _undecodable=undecodable)
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -461,11 +503,14 @@ class StreamLoader:
         dataset: The stream.
         num_workers: DataLoader worker processes (0: read in this process).
         batches_per_epoch: Batches per epoch.
-        max_skipped_fraction: Stop with an error when more than this fraction of the samples read so far had to be
-            skipped (checked once ``min_samples_checked`` samples were read).
+        max_skipped_fraction: Stop with an error when the damaged samples found (``damaged``: each damaged shard's
+            loss and each undecodable sample counted once, however often the stream meets them) exceed this
+            fraction of the data set this rank reads (all of it when resampled, its share of the shards in epoch
+            mode). When shard sizes are unknown (remote shards) the fraction is taken over the samples read so far,
+            once ``min_samples_checked`` were read.
         state: A saved ``state_dict()`` to continue from.
         fingerprint: Identifies the shard lists (``fingerprint``).
-        min_samples_checked: Samples read before the skipped fraction is checked.
+        min_samples_checked: Samples read before the fraction is judged when shard sizes are unknown.
     """
 
     def __init__(
@@ -476,13 +521,16 @@ class StreamLoader:
         max_skipped_fraction: float,
         state: dict[str, Any] | None = None,
         fingerprint: str = "",
-        min_samples_checked: int = 1000,
+        min_samples_checked: int = 10_000,
     ) -> None:
         self.stream, self.num_workers, self.batches_per_epoch = dataset, num_workers, batches_per_epoch
         self.max_skipped_fraction, self.fingerprint = max_skipped_fraction, fingerprint
         self.min_samples_checked = min_samples_checked
         self.delivered = self.samples = self.skipped = self.origin = 0
         self.raw: dict[int, int] = {}
+        self.broken: dict[str, int] = {}  # shard url -> samples it lost (the largest loss seen: counted once)
+        self.undecodable: dict[str, set[str]] = {}  # shard url -> keys of its samples that did not decode
+        self.judged_size = self._judged_size()
         self._it: Iterator[dict[str, Any]] | None = None
         self._finalizer: weakref.finalize | None = None
         self._it_epoch = -1
@@ -497,6 +545,35 @@ class StreamLoader:
     def workers(self) -> int:
         """Worker slots (1 when reading in the training process)."""
         return max(1, self.num_workers)
+
+    def _judged_size(self) -> int | None:
+        """Samples of the data set this rank reads (the denominator of the damaged fraction), None if unknown."""
+        d = self.stream
+        if any(src.sizes is None for src in d.sources):
+            return None
+        sizes = [n for src in d.sources for n in src.sizes]  # type: ignore[union-attr]
+        if d.resampled:
+            return sum(sizes)
+        num_slots = d.world_size * self.workers
+        return sum(sum(sizes[slot::num_slots]) for slot in range(d.rank * self.workers, (d.rank + 1) * self.workers))
+
+    @property
+    def damaged(self) -> int:
+        """Distinct damaged samples found so far: every broken shard's loss once, every undecodable sample once."""
+        return sum(self.broken.values()) + sum(len(keys) for keys in self.undecodable.values())
+
+    def damage_summary(self) -> str:
+        """One line on the damage found ('' when none), e.g. for the end of a run."""
+        if not self.damaged:
+            return ""
+        shards = sorted(set(self.broken) | set(self.undecodable))
+        share = f" ({self.damaged / self.judged_size:.2%} of the data set)" if self.judged_size else ""
+        names = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+        return (
+            f"{self.damaged} damaged samples{share} were skipped: {len(self.broken)} broken shards lost "
+            f"{sum(self.broken.values())}, {sum(len(k) for k in self.undecodable.values())} samples did not "
+            f"decode ({names}); {self.skipped} sample reads were skipped in all"
+        )
 
     def _open(self, plan: dict[str, Any]) -> None:
         self.close()
@@ -525,6 +602,10 @@ class StreamLoader:
         if "_error" in batch:
             raise LitGenError(batch["_error"])
         self.skipped += batch.pop("_skipped")
+        for url, lost in batch.pop("_broken"):
+            self.broken[url] = max(lost, self.broken.get(url, 0))
+        for url, key in batch.pop("_undecodable"):
+            self.undecodable.setdefault(url, set()).add(key)
         raw, slot = batch.pop("_raw"), batch.pop("_slot")
         if self.stream.resampled:
             self.raw[slot] = raw
@@ -533,12 +614,22 @@ class StreamLoader:
     def _account(self, batch: dict[str, Any]) -> dict[str, Any]:
         self.delivered += 1
         self.samples += len(batch["label"])
-        seen = self.samples + self.skipped
-        if self.skipped and seen >= self.min_samples_checked and self.skipped > self.max_skipped_fraction * seen:
-            raise LitGenError(
-                f"{self.skipped} of {seen} samples read ({self.skipped / seen:.1%}) had to be skipped, more than "
-                f"max_skipped_fraction={self.max_skipped_fraction:g}; the warnings above name the shards"
-            )
+        damaged = self.damaged
+        if damaged and self.judged_size:
+            if damaged > self.max_skipped_fraction * self.judged_size:
+                raise LitGenError(
+                    f"{damaged} of the data set's {self.judged_size} samples ({damaged / self.judged_size:.1%}) are "
+                    f"damaged ({len(self.broken)} broken shards, {damaged - sum(self.broken.values())} undecodable "
+                    f"samples), more than max_skipped_fraction={self.max_skipped_fraction:g}; the warnings above "
+                    "name the shards"
+                )
+        elif damaged:
+            seen = self.samples + self.skipped
+            if seen >= self.min_samples_checked and damaged > self.max_skipped_fraction * seen:
+                raise LitGenError(
+                    f"{damaged} of {seen} samples read ({damaged / seen:.1%}) were damaged, more than "
+                    f"max_skipped_fraction={self.max_skipped_fraction:g}; the warnings above name the shards"
+                )
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -587,11 +678,13 @@ class StreamLoader:
         """The stream position: batches delivered, the counters, and every rank's raw positions (gathered here, so
         under DDP this must be called on all ranks at once, as Lightning's checkpointing does)."""
         raw = {str(k): int(v) for k, v in self.raw.items()}
-        ranks = {str(self.stream.rank): raw}
+        damage = {"broken": dict(self.broken), "undecodable": {u: sorted(k) for u, k in self.undecodable.items()}}
+        ranks, damages = {str(self.stream.rank): raw}, {str(self.stream.rank): damage}
         if self.stream.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, (self.stream.rank, raw))
-            ranks = {str(r): pos for r, pos in gathered}
+            torch.distributed.all_gather_object(gathered, (self.stream.rank, raw, damage))
+            ranks = {str(r): pos for r, pos, _ in gathered}
+            damages = {str(r): dmg for r, _, dmg in gathered}
         return {
             "version": STATE_VERSION,
             **self._identity(),
@@ -600,6 +693,7 @@ class StreamLoader:
             "samples": self.samples,
             "skipped": self.skipped,
             "raw": ranks,
+            "damage": damages,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -616,6 +710,18 @@ class StreamLoader:
         self._it_epoch = -1
         self.delivered, self.samples, self.skipped = (int(state[k]) for k in ("delivered", "samples", "skipped"))
         saved = {k: state.get(k) for k in self._identity()}
+        self.broken, self.undecodable = {}, {}
+        if saved.get("shards") == self.fingerprint:  # the same shards: what was found damaged stays known
+            damages = state.get("damage", {})
+            mine = damages.get(str(self.stream.rank))
+            # Another world size: resampled ranks all read the whole data set, so every rank's finds apply; in epoch
+            # mode the split changed and this rank starts counting afresh.
+            found = [mine] if mine is not None else list(damages.values()) if self.stream.resampled else []
+            for damage in found:
+                for url, lost in damage["broken"].items():
+                    self.broken[url] = max(int(lost), self.broken.get(url, 0))
+                for url, keys in damage["undecodable"].items():
+                    self.undecodable.setdefault(url, set()).update(keys)
         if saved == self._identity():
             self.origin = int(state.get("origin", 0))
             self.raw = {int(k): int(v) for k, v in state["raw"].get(str(self.stream.rank), {}).items()}
