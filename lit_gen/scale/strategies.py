@@ -1,19 +1,30 @@
 """lit_gen's DeepSpeed strategy: Lightning's ``DeepSpeedStrategy`` with a safe, checked resume.
 
-Two additions, both in ``load_checkpoint`` (nothing else changes; the recipes/scale/deepspeed_stage*.yaml overlays use
-this class):
+Three additions (nothing else changes; the recipes/scale/deepspeed_stage*.yaml overlays use this class), two in
+``load_checkpoint``:
 1. DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``; here every load runs with
    ``weights_only=True`` and only three plain DeepSpeed record classes allow-listed (``lit_gen.scale.checkpoints``),
    so resuming from a tampered folder cannot run code.
 2. ZeRO partitions optimizer state (and at stage 3 parameters) by rank: a folder written by N ranks cannot resume on
    M != N ranks. That is checked before DeepSpeed tries, with a one-line error naming the two ways forward.
+
+and one in the training step:
+
+3. Under ``precision: bf16-mixed`` (or ``16-mixed``) Lightning turns DeepSpeed's ``bf16`` mode on, which stores the
+   engine's weights in bf16 (fp32 master copies in the optimizer), and casts only the *batch* to bf16. Every
+   tensor a method makes inside its step (noise levels, noise, the noised input) is fp32, so the first convolution
+   met fp32 input and bf16 weights ("Input type (float) and bias type (c10::BFloat16) should be the same", measured
+   with benchmarks/gpu.py --tiny). The step runs under ``torch.autocast`` with the same dtype, as Lightning's DDP
+   ``bf16-mixed`` does: matmuls and convolutions take bf16 operands, reductions and losses stay fp32.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lit_gen.errors import LitGenError, first_line, load_torch_file
@@ -39,6 +50,19 @@ class DeepSpeed(DeepSpeedStrategy):
     """``DeepSpeedStrategy`` (same arguments) whose resume loads with ``weights_only=True`` and checks world size."""
 
     strategy_name = "lit_gen_deepspeed"
+
+    def _autocast(self) -> Any:
+        """Autocast in the engine's half dtype under a mixed precision (addition 3 of the module docstring)."""
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(self.precision_plugin.precision))
+        return torch.autocast(self.root_device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._autocast():
+            return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._autocast():
+            return super().validation_step(*args, **kwargs)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         from lit_gen.scale.checkpoints import _weights_only_loads
