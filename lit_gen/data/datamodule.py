@@ -473,7 +473,7 @@ class ShardDataModule(L.LightningDataModule):
         summary = self._train_loader.damage_summary()
         trainer = getattr(self, "trainer", None)
         if summary and stage == "fit" and (trainer is None or trainer.is_global_zero):
-            warnings.warn(f"data: {summary}", DataWarning, 2)
+            warnings.warn(f"data: {summary}", DataWarning, 1)
 
     def _decode_stages(self) -> list[Any]:
         decoder = SampleDecoder(self._info["kind"], self._info["shape"])

@@ -569,10 +569,11 @@ class StreamLoader:
         shards = sorted(set(self.broken) | set(self.undecodable))
         share = f" ({self.damaged / self.judged_size:.2%} of the data set)" if self.judged_size else ""
         names = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+        broken, undecodable = len(self.broken), sum(len(k) for k in self.undecodable.values())
         return (
-            f"{self.damaged} damaged samples{share} were skipped: {len(self.broken)} broken shards lost "
-            f"{sum(self.broken.values())}, {sum(len(k) for k in self.undecodable.values())} samples did not "
-            f"decode ({names}); {self.skipped} sample reads were skipped in all"
+            f"{self.damaged} damaged samples{share} were skipped: {broken} broken shard{'s' * (broken != 1)} lost "
+            f"{sum(self.broken.values())}, {undecodable} sample{'s' * (undecodable != 1)} did not decode ({names}); "
+            f"{self.skipped} sample reads were skipped in all"
         )
 
     def _open(self, plan: dict[str, Any]) -> None:
@@ -619,8 +620,8 @@ class StreamLoader:
             if damaged > self.max_skipped_fraction * self.judged_size:
                 raise LitGenError(
                     f"{damaged} of the data set's {self.judged_size} samples ({damaged / self.judged_size:.1%}) are "
-                    f"damaged ({len(self.broken)} broken shards, {damaged - sum(self.broken.values())} undecodable "
-                    f"samples), more than max_skipped_fraction={self.max_skipped_fraction:g}; the warnings above "
+                    f"damaged ({len(self.broken)} broken shard(s), {damaged - sum(self.broken.values())} undecodable "
+                    f"sample(s)), more than max_skipped_fraction={self.max_skipped_fraction:g}; the warnings above "
                     "name the shards"
                 )
         elif damaged:
