@@ -20,8 +20,9 @@ both start a process group): ``recipes/scale/deepspeed_stage2.yaml`` / ``ddp.yam
 Measured per cell: the median wall time between the starts of consecutive training steps after ``--warmup`` steps
 (synchronised with the device), images/s = batch / that time (f-distill: generator samples drawn per step, critic
 steps included), peak device memory (``torch.cuda.max_memory_allocated``; "-" on the CPU), and the model FLOPs of
-one training step counted by ``torch.utils.flop_counter.FlopCounterMode`` during the last warm-up step of the eager
-cell (forward + backward of every network the step runs: matmuls, convolutions, attention). MFU = FLOPs/step x
+one training step counted by ``torch.utils.flop_counter.FlopCounterMode`` over the last 5 warm-up steps of the eager
+cell, averaged (forward + backward of every network the steps run: matmuls, convolutions, attention; 5 = f-distill's
+update_ratio, whose critic-only and generator steps cost differently). MFU = FLOPs/step x
 steps/s / the device's dense bf16 peak (``--peak-tflops``, default from the device name: H100/H200 989, A100 312).
 The same FLOPs/step are used for the variants (they compute the same thing). Goal (issue 20): teacher MFU >= 35 %.
 
@@ -68,6 +69,9 @@ TINY_NET = [
     "--model.init_args.net.init_args.attn_resolutions=[4]",
 ]  # fmt: skip
 
+# FLOPs are counted over the last FLOP_STEPS warm-up steps and averaged: f-distill's cycle of update_ratio = 5 steps
+# (critic-only steps, then one with the generator's update too) has steps of different cost.
+FLOP_STEPS = 5
 # Filled by Probe during a fit (read by run_cell): step start times, FLOPs of one step, peak memory.
 STATE: dict[str, Any] = {}
 
@@ -91,16 +95,16 @@ class Probe(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
         self._sync(pl_module)
         STATE["starts"].append(time.perf_counter())
-        if STATE.get("count_flops") and trainer.global_step == STATE["warmup"] - 1:
+        if STATE.get("count_flops") and trainer.global_step == STATE["warmup"] - FLOP_STEPS:
             from torch.utils.flop_counter import FlopCounterMode
 
             self.counter = FlopCounterMode(display=False)
             self.counter.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-        if self.counter is not None:
+        if self.counter is not None and trainer.global_step == STATE["warmup"]:
             self.counter.__exit__(None, None, None)
-            STATE["flops"] = self.counter.get_total_flops()
+            STATE["flops"] = self.counter.get_total_flops() / FLOP_STEPS
             self.counter = None
 
     def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
@@ -270,7 +274,7 @@ def main() -> None:
     args = parser.parse_args()
     tiny = args.tiny
     args.steps = args.steps or (3 if tiny else 30)
-    args.warmup = args.warmup or (2 if tiny else 10)
+    args.warmup = max(args.warmup or (6 if tiny else 10), FLOP_STEPS + 1)
     args.batch = args.batch or (4 if tiny else None)
     args.workers = args.workers if args.workers is not None else (0 if tiny else 8)
     args.compile_backend = args.compile_backend or ("eager" if tiny else None)
