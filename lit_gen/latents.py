@@ -242,7 +242,11 @@ def encode_images(
     latents) draws z from the posterior (mode "sample"); None takes its mean. Grayscale pixels are repeated to the
     VAE's channels (a 3-channel VAE reads an RGB image whose channels are equal)."""
     lo, hi = pixel_range(record)
-    x = pixels.to(torch.float32) / 127.5 - 1.0 if (lo, hi) == (-1.0, 1.0) else pixels.to(torch.float32) / 255.0 * (hi - lo) + lo
+    x = (
+        pixels.to(torch.float32) / 127.5 - 1.0
+        if (lo, hi) == (-1.0, 1.0)
+        else pixels.to(torch.float32) / 255.0 * (hi - lo) + lo
+    )
     channels = int(vae.config.in_channels)
     if x.shape[1] == 1 and channels == 3:
         x = x.expand(-1, 3, -1, -1)

@@ -60,7 +60,7 @@ def dnnlib_module(monkeypatch: pytest.MonkeyPatch, persistence_module: None) -> 
 
 
 # ------------------------------------------------------------------------------------ EDM2's documented layout
-def layout(label_dim: int, channels: int, arch: dict | None = None) -> tuple[list, list, int, int]:
+def layout(label_dim: int, channels: int, arch: dict | None = None, res0: int = RES) -> tuple[list, list, int, int]:
     """EDM2 UNet's blocks in construction order: (name, kind, cin, cout, flavor, mode, heads) for enc and dec, and
     the noise/embedding widths (networks_edm2.py UNet.__init__)."""
     a = {**ARCH, **(arch or {})}
@@ -70,7 +70,7 @@ def layout(label_dim: int, channels: int, arch: dict | None = None) -> tuple[lis
     enc, dec = [], []
     cout = channels + 1
     for level, ch in enumerate(cblock):
-        res = RES >> level
+        res = res0 >> level
         if level == 0:
             enc.append((f"{res}x{res}_conv", "conv", cout, ch, None, None, 0))
             cout = ch
@@ -82,7 +82,7 @@ def layout(label_dim: int, channels: int, arch: dict | None = None) -> tuple[lis
             cout = ch
     skips = [e[3] for e in enc]
     for level, ch in reversed(list(enumerate(cblock))):
-        res = RES >> level
+        res = res0 >> level
         if level == len(cblock) - 1:
             dec.append((f"{res}x{res}_in0", "block", cout, cout, "dec", "keep", cout // a["channels_per_head"]))
             dec.append((f"{res}x{res}_in1", "block", cout, cout, "dec", "keep", 0))
@@ -107,11 +107,14 @@ def _gain(gen: torch.Generator) -> nn.Parameter:
     return nn.Parameter(torch.rand([], generator=gen) * 0.5 + 0.2)  # trained gains are nonzero
 
 
-def edm2_precond(label_dim: int, channels: int, seed: int = 0, arch: dict | None = None) -> Persistent:
-    """A Precond record tree of EDM2's structure with random (force-normalised) weights, float16."""
+def edm2_precond(
+    label_dim: int, channels: int, seed: int = 0, arch: dict | None = None, res: int = RES, logvar: int = LOGVAR
+) -> Persistent:
+    """A Precond record tree of EDM2's structure with random (force-normalised) weights, float16
+    (benchmarks/import_edm2.py writes EDM2-S ImageNet-512 with it)."""
     a = {**ARCH, **(arch or {})}
     gen = torch.Generator().manual_seed(seed)
-    enc, dec, cnoise, cemb = layout(label_dim, channels, arch)
+    enc, dec, cnoise, cemb = layout(label_dim, channels, arch, res)
     unet = Persistent("UNet", _init_args=(), _init_kwargs={}, label_balance=0.5, concat_balance=0.5)
     unet.out_gain = _gain(gen)
     fourier = Persistent("MPFourier")
@@ -139,16 +142,16 @@ def edm2_precond(label_dim: int, channels: int, seed: int = 0, arch: dict | None
             container[name] = block
         setattr(unet, part, container)
     unet.out_conv = _mpconv(gen, cout, channels, [3, 3])
-    kwargs = dict(img_resolution=RES, img_channels=channels, label_dim=label_dim, use_fp16=True,
-                  logvar_channels=LOGVAR, **a)  # fmt: skip
-    precond = Persistent("Precond", _init_args=(), _init_kwargs=kwargs, img_resolution=RES, img_channels=channels,
+    kwargs = dict(img_resolution=res, img_channels=channels, label_dim=label_dim, use_fp16=True,
+                  logvar_channels=logvar, **a)  # fmt: skip
+    precond = Persistent("Precond", _init_args=(), _init_kwargs=kwargs, img_resolution=res, img_channels=channels,
                          label_dim=label_dim, use_fp16=True, sigma_data=0.5)  # fmt: skip
     precond.unet = unet
     head = Persistent("MPFourier")
-    head.register_buffer("freqs", 2 * np.pi * torch.randn(LOGVAR, generator=gen))
-    head.register_buffer("phases", 2 * np.pi * torch.rand(LOGVAR, generator=gen))
+    head.register_buffer("freqs", 2 * np.pi * torch.randn(logvar, generator=gen))
+    head.register_buffer("phases", 2 * np.pi * torch.rand(logvar, generator=gen))
     precond.logvar_fourier = head
-    precond.logvar_linear = _mpconv(gen, LOGVAR, 1, [])
+    precond.logvar_linear = _mpconv(gen, logvar, 1, [])
     return precond.half()  # EDM2's snapshots: copy.deepcopy(ema).to(torch.float16)
 
 
@@ -229,21 +232,32 @@ def _block(sd: dict, p: str, spec: tuple, x: torch.Tensor, emb: torch.Tensor) ->
     return x.clip(-256, 256)
 
 
-def edm2_denoiser(sd: dict, label_dim: int, x: torch.Tensor, sigma: torch.Tensor, onehot: torch.Tensor | None):
-    """EDM2's Precond.forward + UNet.forward (networks_edm2.py), float64, c_noise rounded to float32 as EDM2's."""
-    enc, dec, _, _ = layout(label_dim, x.shape[1])
+def edm2_denoiser(
+    sd: dict,
+    label_dim: int,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    onehot: torch.Tensor | None,
+    arch: dict | None = None,
+) -> torch.Tensor:
+    """EDM2's Precond.forward + UNet.forward (networks_edm2.py) in x's dtype, c_noise rounded to float32 as EDM2's."""
+    enc, dec, _, _ = layout(label_dim, x.shape[1], arch, x.shape[-1])
     s = sigma.reshape(-1, 1, 1, 1)
     c_skip, c_out, c_in = 0.25 / (s**2 + 0.25), s * 0.5 / (s**2 + 0.25).sqrt(), 1 / (0.25 + s**2).sqrt()
-    c_noise = (sigma.float().log() / 4).double()
+    c_noise = (sigma.float().log() / 4).to(x.dtype)
     emb = _conv(sd, "unet.emb_noise", _fourier(sd, "unet.emb_fourier", c_noise))
     if label_dim:
-        vec = torch.zeros(x.shape[0], label_dim, dtype=x.dtype) if onehot is None else onehot
+        vec = torch.zeros(x.shape[0], label_dim, dtype=x.dtype) if onehot is None else onehot.to(x.dtype)
         emb = _sum(emb, _conv(sd, "unet.emb_label", vec * math.sqrt(label_dim)), 0.5)
     emb = _silu(emb)
     h = torch.cat([c_in * x, torch.ones_like(x[:, :1])], dim=1)
     skips = []
     for spec in enc:
-        h = _conv(sd, f"unet.enc.{spec[0]}", h) if spec[1] == "conv" else _block(sd, f"unet.enc.{spec[0]}", spec, h, emb)
+        h = (
+            _conv(sd, f"unet.enc.{spec[0]}", h)
+            if spec[1] == "conv"
+            else _block(sd, f"unet.enc.{spec[0]}", spec, h, emb)
+        )
         skips.append(h)
     for spec in dec:
         if "block" in spec[0]:
@@ -268,7 +282,9 @@ def test_edm2_snapshot_imports_with_edm2s_denoiser(tmp_path: Path, dnnlib_module
     run_cli("import", src, "--out", out, "--check")  # --format auto: the 'ema' class says edm2
     assert not marker.exists()
     check = json.loads((tmp_path / "t.safetensors.check.json").read_text())
-    assert check["faithful"] and check["weights_max_abs"] == 0.0 and check["elements_source"] == check["elements_lit_gen"]
+    assert (
+        check["faithful"] and check["weights_max_abs"] == 0.0 and check["elements_source"] == check["elements_lit_gen"]
+    )
     model = load_model(out)
     assert isinstance(model.net, EDM2UNet) and model.num_classes == label_dim
     assert isinstance(model.param, EDM) and model.param.sigma_data == 0.5
@@ -355,7 +371,9 @@ def test_edm2_net_contract() -> None:
         guided = EDM2UNet(RES, 3, num_classes=4, logvar_channels=LOGVAR, guidance_embed=True, **ARCH).eval()
         missing, _ = guided.load_state_dict(net.state_dict(), strict=False)
         assert all(k.startswith("map_guide.") for k in missing)
-        assert torch.equal(guided(x, c, torch.tensor([1, 2]), c_guide=torch.tensor([2.0, 3.0])), net(x, c, torch.tensor([1, 2])))
+        assert torch.equal(
+            guided(x, c, torch.tensor([1, 2]), c_guide=torch.tensor([2.0, 3.0])), net(x, c, torch.tensor([1, 2]))
+        )
         assert net.features(x, c).shape == (2, net.feature_dim, RES // 2, RES // 2)
         assert [t.shape[1:] for t in net.feature_levels(x, c)] == [(16, RES, RES), (32, RES // 2, RES // 2)]
 
@@ -453,7 +471,7 @@ def test_edm2_latent_teacher_carries_the_vae_and_edm2s_normalisation(
     assert (tmp_path / "s.png").is_file()
 
 
-@pytest.mark.parametrize("recipe", ["tract", "fdistill"])
+@pytest.mark.parametrize("recipe", [pytest.param("tract", marks=pytest.mark.slow), "fdistill"])
 def test_distill_an_imported_edm2_teacher(tmp_path: Path, dnnlib_module: None, recipe: str) -> None:
     """TRACT / f-distill train a few steps from the imported EDM2 teacher (toy-sized, pixels) and the student
     samples."""
@@ -463,7 +481,9 @@ def test_distill_an_imported_edm2_teacher(tmp_path: Path, dnnlib_module: None, r
     images = (np.random.default_rng(0).random((32, RES, RES, 3)) * 255).astype(np.uint8)
     np.save(tmp_path / "images.npy", images)
     run_cli("shards", tmp_path / "images.npy", "--out", tmp_path / "shards", "--no-progress")
-    extra = ["--model.init_args.schedule", "[4, 1]", "--model.init_args.steps_per_phase", "3"] if recipe == "tract" else []
+    extra = (
+        ["--model.init_args.schedule", "[4, 1]", "--model.init_args.steps_per_phase", "3"] if recipe == "tract" else []
+    )
     root = tmp_path / "run"
     run_cli(
         "fit", "-c", REPO / f"recipes/digits/{recipe}.yaml", "--model.init_args.teacher", teacher,

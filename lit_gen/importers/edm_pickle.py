@@ -1,4 +1,5 @@
-"""Import an NVlabs EDM teacher (``network-snapshot-*.pkl``) without running the pickle.
+"""Import an NVlabs EDM or EDM2 teacher (``network-snapshot-*.pkl``, EDM2's post-hoc EMA ``.pkl``) without running
+the pickle.
 
 EDM writes ``pickle.dump(dict(ema=net, loss_fn=..., augment_pipe=..., dataset_kwargs=...))`` where ``net`` is an
 ``EDMPrecond`` wrapping a ``SongUNet``. Its classes are ``torch_utils.persistence`` persistent classes: each object
@@ -18,6 +19,14 @@ interleaves q/k/v per channel in its attention projection (rows of ``qkv``), and
 layer (the rows of ``LabelEmbedding``'s table, whose null row is that layer's bias: EDM's "no label" input is a
 zero vector). NCSN++ (Fourier embedding, [1, 3, 3, 1] filters, residual/skip encoders) and ADM (``DhariwalUNet``)
 are different networks and are refused in one line.
+
+EDM2 snapshots (Karras et al. 2024; ``--format edm2``, or ``auto`` when the ``ema`` record is a ``Precond``) go through
+the same reader, which also rebuilds EDM2's ``dnnlib.EasyDict`` top level (a ``RecordDict``) and the numeric numpy
+arrays of its latent encoder (a ``NumpyArrayRecord``). The ``Precond``'s tensors map one to one onto
+``nets.edm2.EDM2UNet`` (EDM2's own module names; the U-Net and the log-variance head), its constructor arguments give
+the architecture (unknown ones are refused), every Block / MPConv / MPFourier record is checked to sit where that
+architecture puts it, and the ``encoder`` record gives the data: pixels (``StandardRGBEncoder``) or SD-VAE latents
+with EDM2's per-channel map on [0, 1] pixels (``StabilityVAEEncoder``; the VAE comes from ``--vae``).
 """
 
 from __future__ import annotations
@@ -419,7 +428,9 @@ def edm2_args(precond: PersistentRecord) -> dict[str, Any]:
         raise LitGenError("the EDM2 Precond record has no 'unet' network (UNet)")
     kw = _kwargs(precond)
     positional = precond.state.get("_init_args") or ()
-    kw.update(dict(zip(EDM2_POSITIONAL, positional)))
+    if len(positional) > len(EDM2_POSITIONAL):
+        raise LitGenError(f"the EDM2 Precond record has {len(positional)} positional arguments; Precond takes 6")
+    kw.update(dict(zip(EDM2_POSITIONAL, positional, strict=False)))
     missing = [k for k in EDM2_POSITIONAL[:3] if k not in kw]
     if missing:
         raise LitGenError(f"the EDM2 Precond record lacks the constructor argument {missing[0]}")
@@ -477,7 +488,9 @@ def _check_edm2_tree(precond: PersistentRecord, net: torch.nn.Module) -> None:
         record = _record_at(precond, _edm2_source_name(name))
         if not isinstance(record, PersistentRecord) or record.class_name != kind:
             found = getattr(record, "class_name", None) if record is not None else "nothing"
-            raise LitGenError(f"EDM2 network: {_edm2_source_name(name)} is {found}, the recorded architecture has a {kind}")
+            raise LitGenError(
+                f"EDM2 network: {_edm2_source_name(name)} is {found}, the recorded architecture has a {kind}"
+            )
         if kind == "Block":
             for attr in ("flavor", "resample_mode", "num_heads"):
                 if record.state.get(attr) != getattr(module, attr):
@@ -569,7 +582,8 @@ def edm2_data(
     config, tensors = read_vae(vae_dir)
     if int(config.get("latent_channels", 4)) != channels:
         raise LitGenError(
-            f"the VAE {vae_dir} makes {config.get('latent_channels')}-channel latents, the EDM2 network takes {channels}"
+            f"the VAE {vae_dir} makes {config.get('latent_channels')}-channel latents, the EDM2 network takes "
+            f"{channels}"
         )
     side = res * downsample_factor(config)
     image_shape = [int(config.get("in_channels", 3)), side, side]
