@@ -35,6 +35,7 @@ import collections
 import io
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -603,9 +604,15 @@ def import_edm2(
     precond: PersistentRecord = top["ema"]
     args = edm2_args(precond)
     data, extra, notes = edm2_data(top, args, vae, f"EDM2 pickle {src}")
-    net = EDM2UNet(**args)
+    with torch.device("meta"):  # no random initialisation of a full-size net: the pickle's tensors become it
+        net = EDM2UNet(**args)
     _check_edm2_tree(precond, net)
-    load_weights(net, map_edm2_weights(precond), f"EDM2 pickle {src}")
+    weights = map_edm2_weights(precond)
+    with warnings.catch_warnings():  # the one-line shape / key checks; copying into meta tensors is a no-op
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+        load_weights(net, weights, f"EDM2 pickle {src}")
+    net.load_state_dict(weights, strict=True, assign=True)
+    del weights
     loss = top.get("loss_fn")
     loss_state = {**EDM2_LOSS_DEFAULTS, **(loss.state if isinstance(loss, PersistentRecord) else {})}
     param = EDM(
