@@ -12,6 +12,11 @@ Stable Diffusion VAE that DiT uses) gives the latents roughly unit variance, and
      "scaling_factor": s, "shift_factor": m, "fingerprint": <sha256 of the VAE's tensors>, "image_shape": [C, H, W],
      "encode": "sample" | "mean"}
 
+``scaling_factor`` / ``shift_factor`` may also be per-channel lists, and an optional ``pixel_range`` [lo, hi] (default
+[-1, 1]) says what pixel range the VAE reads and writes: EDM2's ImageNet-512 latents (Karras et al. 2024,
+``training/encoders.py``) are ``E(x / 255)·scale_c + bias_c`` — per-channel, on pixels in [0, 1]
+(``importers.edm_pickle.edm2_latent_map``).
+
 Where the VAE lives (a choice, see README "Bring your own teacher"): an imported latent *teacher* carries the VAE's
 tensors inside its ``.safetensors`` (under ``vae.``; its record has ``path: null``, filled with the file's own path
 when it is loaded), so the one teacher file samples to PNG wherever it is copied — the house rule that a model file
@@ -43,6 +48,8 @@ ENCODE_MODES: dict[str, str] = {
     "mean": "z = μ, the posterior mean (latent_dist.mode())",
 }
 _CONFIG_ONLY_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+LATENT_MAP = "_lit_gen_latent_map"  # in a config read back from a teacher file: that teacher's own latent map
+DEFAULT_PIXEL_RANGE = [-1.0, 1.0]
 
 
 def fingerprint(tensors: dict[str, Tensor]) -> str:
@@ -90,7 +97,11 @@ def read_vae_source(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]
         record = (description.get("data") or {}).get("vae")
         if record is None or not vae:
             raise LitGenError(f"{path} carries no VAE (only an imported latent teacher does); pass the VAE folder")
-        return dict(record["config"]), vae, path.resolve()
+        config = dict(record["config"])
+        if "pixel_range" in record or isinstance(record.get("scaling_factor"), list):
+            keys = ("scaling_factor", "shift_factor", "pixel_range")  # a map the VAE's config does not hold (EDM2)
+            config[LATENT_MAP] = {k: record[k] for k in keys if k in record}
+        return config, vae, path.resolve()
     raise LitGenError(f"{path} is neither an {VAE_CLASS} folder nor a lit_gen latent teacher (.safetensors)")
 
 
@@ -100,6 +111,7 @@ def build_vae(config: dict[str, Any], tensors: dict[str, Tensor], where: str) ->
 
     from lit_gen.importers import load_weights
 
+    config = {k: v for k, v in config.items() if k != LATENT_MAP}
     try:
         vae = AutoencoderKL.from_config(config)
     except Exception as err:  # noqa: BLE001 - diffusers rejects bad configs with many exception types
@@ -113,20 +125,48 @@ def downsample_factor(config: dict[str, Any]) -> int:
     return 2 ** (len(config.get("block_out_channels", [64])) - 1)
 
 
+def _factor(value: Any) -> float | list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+
+
 def vae_record(
-    config: dict[str, Any], tensors: dict[str, Tensor], path: Path | None, image_shape: list[int], encode: str
+    config: dict[str, Any],
+    tensors: dict[str, Tensor],
+    path: Path | None,
+    image_shape: list[int],
+    encode: str,
+    latent_map: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``vae`` entry of a latent data description (``path`` None: carried in the file that holds it)."""
-    return {
+    """The ``vae`` entry of a latent data description (``path`` None: carried in the file that holds it).
+    ``latent_map`` ({scaling_factor, shift_factor, pixel_range}) replaces the VAE config's scaling (a teacher
+    trained on another normalisation, EDM2's); a config read from such a teacher file carries it (``LATENT_MAP``)."""
+    config = dict(config)
+    latent_map = latent_map or config.pop(LATENT_MAP, None) or {}
+    config.pop(LATENT_MAP, None)
+    record = {
         "class": VAE_CLASS,
         "path": None if path is None else str(path),
         "config": config,
-        "scaling_factor": float(config.get("scaling_factor") or DEFAULT_SCALING),
-        "shift_factor": float(config.get("shift_factor") or 0.0),
+        "scaling_factor": _factor(latent_map.get("scaling_factor", config.get("scaling_factor") or DEFAULT_SCALING)),
+        "shift_factor": _factor(latent_map.get("shift_factor", config.get("shift_factor") or 0.0)),
         "fingerprint": fingerprint(tensors),
         "image_shape": [int(s) for s in image_shape],
         "encode": encode,
     }
+    if "pixel_range" in latent_map:
+        record["pixel_range"] = [float(v) for v in latent_map["pixel_range"]]
+    return record
+
+
+def _per_channel(value: Any, like: Tensor) -> Tensor:
+    """A scaling/shift factor (a number or a per-channel list) broadcastable against [B, C, H, W] latents."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return t.reshape(1, -1, 1, 1) if t.ndim else t
+
+
+def pixel_range(record: dict[str, Any]) -> tuple[float, float]:
+    lo, hi = record.get("pixel_range") or DEFAULT_PIXEL_RANGE
+    return float(lo), float(hi)
 
 
 def latent_info(
@@ -148,7 +188,7 @@ def latent_info(
 def same_vae(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two ``vae`` records describe the same latent space (same weights and the same affine map)."""
     keys = ("fingerprint", "scaling_factor", "shift_factor")
-    return all(a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k) == b.get(k) for k in keys) and pixel_range(a) == pixel_range(b)
 
 
 def split_carried_vae(
@@ -201,7 +241,12 @@ def encode_images(
     """uint8-range pixels [B, C, H, W] -> latents z = (E(x) − shift)·scale, float32. ``noise`` (the shape of the
     latents) draws z from the posterior (mode "sample"); None takes its mean. Grayscale pixels are repeated to the
     VAE's channels (a 3-channel VAE reads an RGB image whose channels are equal)."""
-    x = pixels.to(torch.float32) / 127.5 - 1.0
+    lo, hi = pixel_range(record)
+    x = (
+        pixels.to(torch.float32) / 127.5 - 1.0
+        if (lo, hi) == (-1.0, 1.0)
+        else pixels.to(torch.float32) / 255.0 * (hi - lo) + lo
+    )
     channels = int(vae.config.in_channels)
     if x.shape[1] == 1 and channels == 3:
         x = x.expand(-1, 3, -1, -1)
@@ -209,8 +254,8 @@ def encode_images(
         raise LitGenError(f"the VAE takes {channels}-channel images, these have {x.shape[1]} channels")
     dtype = next(vae.parameters()).dtype
     dist = vae.encode(x.to(device=next(vae.parameters()).device, dtype=dtype)).latent_dist
-    z = dist.mean if noise is None else dist.mean + dist.std * noise.to(dist.mean)
-    return ((z.float() - record["shift_factor"]) * record["scaling_factor"]).cpu()
+    z = (dist.mean if noise is None else dist.mean + dist.std * noise.to(dist.mean)).float()
+    return ((z - _per_channel(record["shift_factor"], z)) * _per_channel(record["scaling_factor"], z)).cpu()
 
 
 @torch.no_grad()
@@ -218,14 +263,17 @@ def decode_latents(
     latents: Tensor, info: dict[str, Any], device: str | torch.device = "cpu", batch_size: int = 64
 ) -> Tensor:
     """Latents (data units of a latent data description) -> uint8-range float pixels [B, C, H, W], decoded by the
-    VAE ``info["vae"]`` refers to: x = D(z/scale + shift), clamped to [-1, 1], then (x + 1)·127.5."""
+    VAE ``info["vae"]`` refers to: x = D(z/scale + shift), clamped to the pixel range [lo, hi] (default [-1, 1]),
+    then (x − lo)/(hi − lo)·255."""
     record = info["vae"]
+    lo, hi = pixel_range(record)
     vae = load_vae(record).to(device)
     dtype = next(vae.parameters()).dtype
     out = []
     for start in range(0, latents.shape[0], batch_size):
         z = latents[start : start + batch_size].to(device=device, dtype=torch.float32)
-        z = z / record["scaling_factor"] + record["shift_factor"]
+        z = z / _per_channel(record["scaling_factor"], z) + _per_channel(record["shift_factor"], z)
         x = vae.decode(z.to(dtype)).sample.float()
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).cpu())
+        x = (x.clamp(-1, 1) + 1) * 127.5 if (lo, hi) == (-1.0, 1.0) else (x.clamp(lo, hi) - lo) / (hi - lo) * 255.0
+        out.append(x.cpu())
     return torch.cat(out)

@@ -10,10 +10,11 @@ from typing import Any
 from lit_gen.errors import LitGenError
 
 FORMATS: dict[str, str] = {
-    "auto": "a folder is diffusers, a .pkl is edm",
+    "auto": "a folder is diffusers, a .pkl is edm or edm2 (by its network's class), a .pt is dit",
     "diffusers": "a diffusers pipeline folder (model_index.json) or a model folder + scheduler config",
     "edm": "an NVlabs EDM network-snapshot .pkl (DDPM++ nets), read without running the pickle",
-    "edm2": "NVlabs EDM2 .pkl: refused (its magnitude-preserving U-Net has no lit_gen counterpart yet)",
+    "edm2": "an NVlabs EDM2 .pkl (training snapshot or post-hoc EMA reconstruction; --vae for ImageNet-512 latents), "
+    "onto nets.edm2.EDM2UNet, read without running the pickle",
     "dit": "a facebookresearch DiT .pt state dict (--arch, --vae), onto diffusers' DiTTransformer2DModel",
 }
 
@@ -22,7 +23,7 @@ def detect_format(src: Path) -> str:
     if src.is_dir():
         return "diffusers"
     if src.suffix == ".pkl":
-        return "edm"
+        return "pkl"  # edm or edm2: told by the class of the snapshot's 'ema' network
     if src.suffix in (".pt", ".pth"):
         return "dit"
     raise LitGenError(
@@ -53,21 +54,30 @@ def run_import(
         from lit_gen.importers import diffusers as importer
 
         report = importer.import_diffusers(src, out, param)
-    elif fmt == "edm":
+    elif fmt in ("edm", "edm2", "pkl"):
         from lit_gen.importers import edm_pickle as importer  # type: ignore[no-redef]
 
-        report = importer.import_edm(src, out)
-    elif fmt == "edm2":
-        raise LitGenError(
-            "EDM2 pickles are not imported: EDM2's magnitude-preserving U-Net (normalised weights, MP-SiLU, "
-            "MP-add) has no lit_gen network yet"
-        )
+        top = importer.read_edm_pickle(src, "EDM2" if fmt == "edm2" else "EDM")
+        if fmt == "pkl":
+            fmt = "edm2" if top["ema"].class_name == importer.EDM2_PRECOND else "edm"
+        if fmt == "edm2":
+            report = importer.import_edm2(src, out, vae, top)
+        else:
+            if vae is not None:
+                raise LitGenError(f"{src} is an EDM pixel snapshot; --vae is for DiT and EDM2 latent teachers")
+            report = importer.import_edm(src, out, top)
+        del top
     else:
         from lit_gen.importers import dit as importer  # type: ignore[no-redef]
 
         report = importer.import_dit(src, out, arch, vae, heads, param)
     if check:
-        result = importer.conformance(out, src, vae) if fmt == "dit" else importer.conformance(out, src)
+        if fmt == "dit":
+            result = importer.conformance(out, src, vae)
+        elif fmt == "edm2":
+            result = importer.conformance_edm2(out, src, vae)  # type: ignore[attr-defined]
+        else:
+            result = importer.conformance(out, src)
         Path(str(out) + ".check.json").write_text(json.dumps(result, indent=2) + "\n")
         result["samples"] = str(_sample_grid(out))
         report["check"] = result
@@ -98,8 +108,10 @@ def _cmd_import(ns: argparse.Namespace) -> None:
 
 def add_parser(sub: Any) -> None:
     """The ``import`` verb on the tool parser's sub-parsers."""
-    p = sub.add_parser("import", help="a public teacher (diffusers folder, EDM .pkl) -> a lit_gen .safetensors")
-    p.add_argument("src", help="diffusers pipeline/model folder, or an EDM network-snapshot .pkl")
+    p = sub.add_parser(
+        "import", help="a public teacher (diffusers folder, EDM/EDM2 .pkl, DiT .pt) -> a lit_gen .safetensors"
+    )
+    p.add_argument("src", help="diffusers pipeline/model folder, an EDM/EDM2 network-snapshot .pkl, or a DiT .pt")
     p.add_argument("--out", required=True, help="TEACHER.safetensors")
     p.add_argument("--format", default="auto", help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
     p.add_argument(
@@ -111,5 +123,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--check", action="store_true", help="compare with the source and write OUT.check.json")
     p.add_argument("--arch", default=None, help="dit only: the model size, DiT-XL/2 ... DiT-S/8 (DiT's Table 1)")
     p.add_argument("--heads", type=int, default=None, help="dit only: attention heads of a size not in the table")
-    p.add_argument("--vae", default=None, help="dit only: the AutoencoderKL folder of its latents (sd-vae-ft-ema)")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="dit and edm2 (ImageNet-512) only: the AutoencoderKL folder of its latents (DiT: sd-vae-ft-ema, EDM2: "
+        "sd-vae-ft-mse)",
+    )
     p.set_defaults(func=_cmd_import)
