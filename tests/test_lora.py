@@ -244,3 +244,24 @@ def test_bad_lora_settings_are_one_line_errors(mlp_teacher: Path, capsys: pytest
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "lora target 'nope' matches no" in err
+
+
+def test_default_targets_per_network_and_scm(mlp_teacher: Path) -> None:
+    from lit_gen.methods.scm import SCM
+    from lit_gen.nets import DiT
+    from lit_gen.nets.lora import resolve
+
+    dit = DiT(img_resolution=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2)
+    modules = resolve({}, dit)["modules"]
+    assert "blocks.0.attn.qkv" in modules and "blocks.1.mlp.fc2" in modules and "blocks.0.adaLN_modulation.1" in modules
+    assert not any(m.startswith(("x_embedder", "t_embedder", "final")) for m in modules)
+    unet = UNet(img_resolution=8, in_channels=3, model_channels=8, channel_mult=(1, 2), num_blocks=1)
+    modules = resolve({"rank": 4}, unet)["modules"]
+    assert {"enc.0.conv0", "enc.0.affine", "mid.0.qkv", "mid.0.proj"} <= set(modules)
+    assert not any(m in ("conv_in", "out_conv", "map_layer0") for m in modules)
+    # sCM's tangent (a JVP through the adapted layers) reaches only the adapters.
+    method = SCM(teacher=str(mlp_teacher), lora={"rank": 2})
+    randomize_adapters(method.net)
+    method.scm_loss(torch.randn(8, 2), None).mean().backward()
+    for name, p in method.net.named_parameters():
+        assert (p.grad is not None) == is_adapter(name) == p.requires_grad, name
