@@ -170,6 +170,7 @@ def measure_callback(out: Path) -> Any:
             ledger.charge(pl_module.parameters(), "f")
             counts = {"trainable_numel": sum(p.numel() for p in trainable), "trainable_bytes": ledger.total("t")}
             counts["frozen_bytes"] = ledger.total("f")
+            counts["net_numel"] = sum(p.numel() for p in pl_module.net.parameters())  # what an EMA callback copies
             out.mkdir(parents=True, exist_ok=True)
             (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({**self.peak, **counts}))
 
@@ -224,7 +225,7 @@ def paper(stage: int, trainable: int, frozen_bytes: int, n: int, ema_numel: int)
     t, frozen = trainable, frozen_bytes / 4
     fp32 = {0: 16 * t, 1: 8 * t + 12 * t / n, 2: 4 * t + 16 * t / n, 3: 20 * t / n}[stage]
     bf16 = {0: 16 * t, 1: 4 * t + 12 * t / n, 2: 2 * t + 14 * t / n, 3: 16 * t / n}[stage]
-    fp32 += 4 * frozen / (n if stage == 3 else 1)
+    fp32 += 4 * frozen / (n if stage == 3 else 1) + 4 * ema_numel
     bf16 += 2 * frozen / (n if stage == 3 else 1) + 4 * ema_numel
     return fp32, bf16
 
@@ -314,7 +315,10 @@ def _print_table(rows: list[dict[str, Any]], skipped: list[str]) -> None:
             print(f"| {row['method']} | {row['engine']} | failed: {row['error']} | | | | | | |")
             continue
         total = row["params"] + row["grads"] + row["optimizer"]
-        cells = [row["params"], row["grads"], row["optimizer"], total, row["paper_fp32"], row["paper_bf16"]]
+        # callbacks.ema.EMA (teacher and CD recipes) keeps an fp32 copy of the whole net; TRACT/f-distill own theirs
+        ema = row.get("net_numel", row["trainable_numel"]) if row["method"] in ("teacher", "cd") else 0
+        fp32, bf16 = paper(ENGINES[row["engine"]]["stage"], row["trainable_numel"], row["frozen_bytes"], 2, ema)
+        cells = [row["params"], row["grads"], row["optimizer"], total, fp32, bf16]
         print(f"| {row['method']} | {row['engine']} | {row['trainable_numel'] / 1e6:.2f}M | "
               + " | ".join(f"{c / MIB:.0f}" for c in cells) + " |")  # fmt: skip
     for line in skipped:

@@ -274,6 +274,8 @@ def adapt_method(
         new = clone(getattr(owner, source)).requires_grad_(False)
         setattr(owner, follower, new.train(old.training))
     owner.lora_info = setting
+    # One base shared by several modules has not been run under ZeRO-3 partitioning: refused (methods.base.setup).
+    owner.supports_zero3 = False
     return setting
 
 
