@@ -3,7 +3,7 @@
     lit-gen fit|validate|test -c RECIPE.yaml [-c OVERLAY.yaml ...] [--section.key value ...] [--ckpt_path last]
     lit-gen shards SRC --out DIR [--shard-size N] [--image-size S] [--seed S] [--val-fraction F] [--workers W]
     lit-gen sample --ckpt PATH --n N [--steps K] [--sampler NAME] [--seed S] [--label L] [--guidance G] --out F
-    lit-gen export --ckpt PATH --out FILE.safetensors [--weights ema|raw]
+    lit-gen export --ckpt PATH --out FILE.safetensors [--weights ema|raw] [--keep-adapters]
     lit-gen eval --ckpt PATH --ref SHARDS [--metric fd|mixture|...] [--steps K ...] [--n N] [--json]
     lit-gen slurm -c RECIPE.yaml [-c OVERLAY.yaml] --nodes N --gpus-per-node G [--time ...] [-- --key value ...]
     lit-gen import SRC --out TEACHER.safetensors [--format auto|diffusers|edm|edm2|dit] [--check]
@@ -237,7 +237,7 @@ def _cmd_sample(ns: argparse.Namespace) -> None:
 def _cmd_export(ns: argparse.Namespace) -> None:
     from lit_gen.export import export
 
-    path = export(ns.ckpt, ns.out, weights=ns.weights, guide=ns.guide)
+    path = export(ns.ckpt, ns.out, weights=ns.weights, guide=ns.guide, keep_adapters=ns.keep_adapters)
     carried = f" with its guiding model {ns.guide}" if ns.guide else ""
     print(f"exported {ns.weights} weights of {ns.ckpt}{carried} to {path}")
 
@@ -361,6 +361,11 @@ def _tools_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="FILE.safetensors")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     p.add_argument("--guide", default=None, help="a guiding model to carry in the file (autoguidance, issue 18)")
+    p.add_argument(
+        "--keep-adapters",
+        action="store_true",
+        help="a LoRA student: keep base and adapters apart (default: merge them into a plain student)",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("phema", help="post-hoc EMA (EDM2): reconstruct the EMA of any width from a run's snapshots")

@@ -309,6 +309,11 @@ def _rebuild(description: dict[str, Any], tensors: dict[str, torch.Tensor], path
         param = build(description["param"])
     except (KeyError, TypeError, ValueError) as err:
         raise LitGenError(f"{path}: cannot rebuild the model it describes: {err}") from None
+    setting = description.get("lora")
+    if setting is not None:  # a LoRA student: base + adapter tensors, merged below into a plain network
+        from lit_gen.nets.lora import inject
+
+        inject(net, setting)
     expected = net.state_dict()
     wrong = [(k, v.shape, expected[k].shape) for k, v in tensors.items() if k in expected]
     wrong = [(k, have, want) for k, have, want in wrong if have != want]
@@ -324,14 +329,29 @@ def _rebuild(description: dict[str, Any], tensors: dict[str, torch.Tensor], path
             f"{path}: weights do not match the described network (missing {len(missing)}, unexpected "
             f"{len(unexpected)}, e.g. {(missing or unexpected)[0]})"
         )
+    if setting is not None:
+        from lit_gen.nets.lora import merge
+
+        merge(net)
+        description = {k: v for k, v in description.items() if k != "lora"}
     net.eval().requires_grad_(False)
     if description.get("data") is None:
         raise LitGenError(f"{path} has no data description (was it trained without `lit-gen shards` data?)")
     return LoadedModel(net=net, param=param, description=description)
 
 
-def export(ckpt: str | Path, out: str | Path, weights: str = "ema", guide: str | Path | None = None) -> Path:
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    weights: str = "ema",
+    guide: str | Path | None = None,
+    keep_adapters: bool = False,
+) -> Path:
     """Write the network weights and their description to one self-describing safetensors file.
+
+    A LoRA student (``lit_gen.nets.lora``) is merged, W ← W + (α/r) B A, into a plain student of its network class
+    (loads and samples without peft); ``keep_adapters`` writes the base and the adapters apart instead, with the
+    LoRA setting in the description (loading that file merges them).
 
     ``guide``: a guiding ("bad") model for autoguidance (Karras et al. 2024) to carry in the same file (weights under
     ``guide.``, description under ``guide``), so ``lit-gen sample --guidance w`` and distillation recipes need only
@@ -340,6 +360,11 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "ema", guide: str |
     out = Path(out)
     if out.suffix != ".safetensors":
         raise LitGenError(f"--out must end in .safetensors, got {out}")
+    if description.get("lora") is not None and not keep_adapters:
+        setting = description["lora"]
+        merged = _rebuild(description, tensors, str(ckpt))
+        tensors = {k: v.detach() for k, v in merged.net.state_dict().items()}
+        description = {**merged.description, "lora_merged": {k: setting[k] for k in ("rank", "alpha", "modules")}}
     if guide is not None:
         if description.get("guide") is not None:
             raise LitGenError(f"{ckpt} already carries a guiding model")

@@ -55,6 +55,7 @@ from lit_gen.diffusion.guidance import bind_guidance
 from lit_gen.errors import LitGenError
 from lit_gen.methods.base import GenerativeMethod
 from lit_gen.methods.distill import DistillationMethod
+from lit_gen.nets.lora import LoRASpec, adapt_method
 
 TRAINING_MODES = ("cd", "ct")
 SIGMA_SAMPLING = ("uniform", "lognormal")
@@ -105,6 +106,8 @@ class ConsistencyDistillation(DistillationMethod):
         optimizer: optimizer factory for the student (CM: RAdam 4e-4 on CIFAR-10).
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         decay_steps: linear learning-rate decay to 0 at this step (0 = constant).
+        lora: LoRA adapters instead of a full student, e.g. {rank: 8, alpha: 8, targets: [...]} (alpha = rank and
+            per-network targets by default; ``lit_gen.nets.lora``); null = train every weight.
     """
 
     method_name = "consistency"
@@ -137,6 +140,7 @@ class ConsistencyDistillation(DistillationMethod):
         warmup_steps: int = 0,
         decay_steps: int = 0,
         guide_teacher: str | None = None,
+        lora: LoRASpec | None = None,
     ) -> None:
         self._check_choices(training, teacher_solver, distance, sigma_sampling, weighting)
         if teacher is not None:
@@ -211,6 +215,7 @@ class ConsistencyDistillation(DistillationMethod):
         # θ⁻: same mode (dropout) as the online net, never trained directly; saved under ``target_net.``.
         self.target_net = copy.deepcopy(self.net).requires_grad_(False)
         self.register_buffer("num_scales_now", torch.tensor(self.scales_at(0), dtype=torch.long))
+        adapt_method(self, lora, ("net",), {"target_net": "net"})  # LoRA: θ⁻ shares the frozen base
 
     @staticmethod
     def _check_choices(training: str, solver: str, distance: str, sigma_sampling: str, weighting: str) -> None:

@@ -44,6 +44,7 @@ from lit_gen.diffusion import EDM, VP, guide
 from lit_gen.errors import LitGenError
 from lit_gen.export import LoadedModel, load_model
 from lit_gen.methods.base import GenerativeMethod
+from lit_gen.nets.lora import check_resume
 from lit_gen.spec import build, describe
 
 
@@ -312,9 +313,19 @@ class DistillationMethod(GenerativeMethod):
         self.data_info = None  # the shards' description wins (same shape), the student's checks run as usual
         super().attach_data(info)
 
+    def trainable_parameters(self) -> Any:
+        """The student's trainable parameters (a LoRA student's adapters, not its frozen shared base)."""
+        return [p for p in self.net.parameters() if p.requires_grad]
+
     # ---------------------------------------------------------------------------------------- checkpoint section
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        check_resume(self, checkpoint)  # a LoRA run resumes over the teacher it was trained from (lit_gen.nets.lora)
+
     def describe(self) -> dict[str, Any]:
         section = super().describe()
+        if getattr(self, "lora_info", None) is not None:
+            section["lora"] = dict(self.lora_info)  # read by lit_gen.export (merge) and by check_resume
         section["teacher"] = {"path": self.teacher_path, "guidance": self.guidance}
         guidance_range = getattr(self, "guidance_range", None)  # subclasses without a teacher (sCT) skip __init__
         if guidance_range is not None:

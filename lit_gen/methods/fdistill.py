@@ -79,6 +79,7 @@ from lit_gen.methods.divergences import (
     ratio_bin_means,
 )
 from lit_gen.nets.discriminator import MultiLevelDiscriminator
+from lit_gen.nets.lora import LoRASpec, adapt_method
 
 GROUPS = ("generator", "fake_score", "discriminator")
 
@@ -247,6 +248,8 @@ class FDistill(DistillationMethod):
         optimizer: optimizer factory (one optimizer; see the update scheme in the module docstring).
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         decay_steps: linear learning-rate decay to 0 at this optimizer step (0 = constant).
+        lora: LoRA adapters instead of a full student, e.g. {rank: 8, alpha: 8, targets: [...]} (alpha = rank and
+            per-network targets by default; ``lit_gen.nets.lora``); null = train every weight.
     """
 
     method_name = "fdistill"
@@ -291,6 +294,7 @@ class FDistill(DistillationMethod):
         warmup_steps: int = 0,
         decay_steps: int = 0,
         guide_teacher: str | None = None,
+        lora: LoRASpec | None = None,
     ) -> None:
         super().__init__(
             teacher=teacher,
@@ -361,6 +365,8 @@ class FDistill(DistillationMethod):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("generator_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("ratio_bin_mean", torch.ones(max(int(ratio_bins), 0), dtype=torch.float32))
+        # LoRA: generator and fake score become adapters over the teacher's one frozen base (lit_gen.nets.lora).
+        adapt_method(self, lora, ("net", "fake_net"), {"net_ema": "net"})
 
     # ------------------------------------------------------------------------------------------------ helpers
     def train(self, mode: bool = True) -> FDistill:
@@ -638,10 +644,11 @@ class FDistill(DistillationMethod):
 
     # ------------------------------------------------------------------------------------------------ optimizer
     def trainable_parameters(self) -> list[dict[str, Any]]:
-        """Three named parameter groups for one optimizer (the frozen teacher and the EMA are not in it)."""
+        """Three named parameter groups for one optimizer (the frozen teacher and the EMA are not in it; a LoRA
+        student's shared base neither)."""
         groups = [
-            {"params": list(self.net.parameters()), "name": "generator"},
-            {"params": list(self.fake_net.parameters()), "name": "fake_score"},
+            {"params": [p for p in self.net.parameters() if p.requires_grad], "name": "generator"},
+            {"params": [p for p in self.fake_net.parameters() if p.requires_grad], "name": "fake_score"},
         ]
         if self.disc is not None:
             groups.append({"params": list(self.disc.parameters()), "name": "discriminator"})

@@ -53,6 +53,7 @@ from lit_gen.diffusion.trigflow import (
 from lit_gen.errors import LitGenError
 from lit_gen.methods.base import GenerativeMethod
 from lit_gen.methods.distill import DistillationMethod
+from lit_gen.nets.lora import LoRASpec, adapt_method
 from lit_gen.nets.weighting import AdaptiveWeight
 from lit_gen.spec import build, describe
 
@@ -117,6 +118,8 @@ class SCM(DistillationMethod):
         optimizer: optimizer factory for the student and w_φ (sCM: RAdam / Adam, lr 1e-4 on CIFAR-10).
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         decay_steps: linear learning-rate decay to 0 at this step (0 = constant).
+        lora: LoRA adapters instead of a full student, e.g. {rank: 8, alpha: 8, targets: [...]} (alpha = rank and
+            per-network targets by default; ``lit_gen.nets.lora``); null = train every weight.
     """
 
     method_name = "scm"
@@ -144,6 +147,7 @@ class SCM(DistillationMethod):
         optimizer: OptimizerCallable = torch.optim.RAdam,
         warmup_steps: int = 0,
         decay_steps: int = 0,
+        lora: LoRASpec | None = None,
     ) -> None:
         for name, value, table in (("training", training, TRAINING_MODES), ("jvp", jvp, JVP_MODES)):
             if value not in table:
@@ -209,6 +213,7 @@ class SCM(DistillationMethod):
         self.mid_t = float(mid_t)
         self.seed = int(seed)
         self.weight_net = AdaptiveWeight(weight_channels) if adaptive_weight else None
+        adapt_method(self, lora, ("net",))  # LoRA: the student as adapters over the teacher (lit_gen.nets.lora)
 
     def _trigflow(self, param: TrigFlow | None, teacher: str | None, init_from_teacher: bool) -> TrigFlow:
         """The student's TrigFlow settings: the EDM teacher's, converted exactly, unless the recipe names others."""
@@ -263,7 +268,7 @@ class SCM(DistillationMethod):
     def trainable_parameters(self) -> Any:
         """The student and the adaptive weight w_φ, in one optimizer (DeepSpeed takes one)."""
         extra = self.weight_net.parameters() if self.weight_net is not None else ()
-        return itertools.chain(self.net.parameters(), extra)
+        return itertools.chain((p for p in self.net.parameters() if p.requires_grad), extra)
 
     # ------------------------------------------------------------------------------------------------ training
     def step_seed(self) -> int:

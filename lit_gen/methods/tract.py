@@ -60,6 +60,7 @@ from lit_gen.diffusion.tract import (
 )
 from lit_gen.errors import LitGenError
 from lit_gen.methods.distill import DistillationMethod, GuidedLabel, split_label, with_guidance_embed
+from lit_gen.nets.lora import LoRASpec, adapt_method
 
 EMA_PREFIX = "net_ema."
 
@@ -93,6 +94,8 @@ class TRACT(DistillationMethod):
             references' setting), null = the teacher's rate.
         optimizer: optimizer factory for the student.
         warmup_steps: linear learning-rate warm-up at the start of the run, in optimizer steps.
+        lora: LoRA adapters instead of a full student, e.g. {rank: 8, alpha: 8, targets: [...]} (alpha = rank and
+            per-network targets by default; ``lit_gen.nets.lora``); null = train every weight.
     """
 
     method_name = "tract"
@@ -120,6 +123,7 @@ class TRACT(DistillationMethod):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
         guide_teacher: str | None = None,
+        lora: LoRASpec | None = None,
     ) -> None:
         super().__init__(
             teacher=teacher,
@@ -166,6 +170,10 @@ class TRACT(DistillationMethod):
         self.register_buffer("phase", torch.zeros((), dtype=torch.long))
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("self_teacher_updates", torch.zeros((), dtype=torch.long))
+        # LoRA: the copies share the teacher's frozen base; from phase 1 the teacher is the student's EMA, so it
+        # carries (zero, frozen) adapters too and takes the EMA's at each phase change.
+        followers = {"net_ema": "net", "self_teacher": "net"}
+        adapt_method(self, lora, ("net",), followers | ({"teacher_net": "net"} if len(self.phases.updates) > 1 else {}))
 
     # ------------------------------------------------------------------------------------------------ set-up
     def train(self, mode: bool = True) -> TRACT:
