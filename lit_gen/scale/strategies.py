@@ -7,6 +7,10 @@ this class):
    so resuming from a tampered folder cannot run code.
 2. ZeRO partitions optimizer state (and at stage 3 parameters) by rank: a folder written by N ranks cannot resume on
    M != N ranks. That is checked before DeepSpeed tries, with a one-line error naming the two ways forward.
+
+One argument is added: ``param_persistence_threshold`` (DeepSpeed's ``stage3_param_persistence_threshold``, which
+Lightning does not expose; default DeepSpeed's 1e5): ZeRO-3 keeps parameters with at most this many elements whole on
+every rank. recipes/scale/deepspeed_cpu_stage3.yaml sets 0 so the toy networks' small layers are partitioned too.
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ class DeepSpeed(DeepSpeedStrategy):
     """``DeepSpeedStrategy`` (same arguments) whose resume loads with ``weights_only=True`` and checks world size."""
 
     strategy_name = "lit_gen_deepspeed"
+
+    def __init__(self, *args: Any, param_persistence_threshold: int | None = None, **kwargs: Any) -> None:
+        """Lightning's ``DeepSpeedStrategy`` arguments, plus ``param_persistence_threshold``: ZeRO-3 keeps
+        parameters of at most this many elements whole on every rank (None = DeepSpeed's default, 1e5)."""
+        super().__init__(*args, **kwargs)
+        if param_persistence_threshold is not None:
+            if param_persistence_threshold < 0:
+                raise LitGenError(f"param_persistence_threshold must be >= 0, got {param_persistence_threshold}")
+            zero = self.config.setdefault("zero_optimization", {})
+            zero["stage3_param_persistence_threshold"] = int(param_persistence_threshold)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         from lit_gen.scale.checkpoints import _weights_only_loads
