@@ -121,11 +121,14 @@ def test_zero3_fit_resume_is_bit_exact_and_exports(method: str, runs, zero3_teac
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_zero3_equals_zero2_within_fp32_rounding(method: str, runs) -> None:
+    """Measured: TRACT and CD bit-identical; f-distill within 3e-6 (its gradient clipping is active, and the global
+    norm sums over other partitions). A generator wrongly stepped on a critic step moves it by ~1e-3 (lr 1e-3,
+    momentum 0.9): 100x the tolerance."""
     zero3, zero2 = state(runs(method, "whole")), state(runs(method, "zero2"))
     assert zero3.keys() == zero2.keys()
     for key, value in zero3.items():
         if value.is_floating_point():
-            torch.testing.assert_close(value, zero2[key], rtol=1e-5, atol=1e-6, msg=key)
+            torch.testing.assert_close(value, zero2[key], rtol=1e-5, atol=1e-5, msg=key)
         else:
             assert torch.equal(value, zero2[key]), key
 
