@@ -11,7 +11,9 @@ which this subclass bypasses and nothing else (DESIGN.md "Scale"):
    ``device_rank >= 0`` -> pass the local rank (the CPU accelerator ignores it).
 
 ZeRO-3 needs nothing more (measured with DeepSpeed 0.19.8: fit, save, resume and ``zero_to_fp32`` consolidation on
-2 CPU processes; recipes/scale/deepspeed_cpu_stage3.yaml). Only training is covered (``trainer.fit``); validation/prediction under this strategy still take Lightning's
+2 CPU processes; recipes/scale/deepspeed_cpu_stage3.yaml).
+
+Only training is covered (``trainer.fit``); validation/prediction under this strategy still take Lightning's
 inference path, which needs (3) too. Use::
 
     DS_ACCELERATOR=cpu lit-gen fit -c RECIPE --trainer.accelerator cpu --trainer.devices 2 \\
