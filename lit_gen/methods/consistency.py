@@ -28,6 +28,10 @@ settings); with a teacher it only initialises the student (ECT's "start from the
 State for an exact resume lives in the module: the target network (``target_net.``), the curriculum position
 (buffer ``num_scales_now``); the noise, σ indices and dropout of step k come from an RNG seeded by (``seed``, k,
 rank), so a resumed run draws what the uninterrupted one would have.
+
+DeepSpeed ZeRO-3 (issue 20): the target network is a frozen submodule that ZeRO-3 partitions with the student; its
+update runs inside ``lit_gen.scale.zero3.gathered_copy``. The inference EMA callback gathers for itself. The teacher
+is partitioned or replicated by ``teacher_zero3`` (``lit_gen.methods.distill``).
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ from lit_gen.diffusion.consistency import (
 from lit_gen.diffusion.guidance import bind_guidance
 from lit_gen.errors import LitGenError
 from lit_gen.methods.base import GenerativeMethod
-from lit_gen.methods.distill import DistillationMethod
+from lit_gen.methods.distill import DistillationMethod, check_teacher_zero3
 from lit_gen.nets.lora import LoRASpec, adapt_method
+from lit_gen.scale.zero3 import gathered_copy
 
 TRAINING_MODES = ("cd", "ct")
 SIGMA_SAMPLING = ("uniform", "lognormal")
@@ -108,11 +113,14 @@ class ConsistencyDistillation(DistillationMethod):
         decay_steps: linear learning-rate decay to 0 at this step (0 = constant).
         lora: LoRA adapters instead of a full student, e.g. {rank: 8, alpha: 8, targets: [...]} (alpha = rank and
             per-network targets by default; ``lit_gen.nets.lora``); null = train every weight.
+        teacher_zero3: under DeepSpeed ZeRO-3, ``partition`` or ``replicate`` the frozen teacher (see
+            ``lit_gen.methods.distill``).
     """
 
     method_name = "consistency"
     default_sampler = "consistency"
     default_steps = 1
+    supports_zero3 = True  # the target update gathers through lit_gen.scale.zero3
 
     def __init__(
         self,
@@ -141,8 +149,10 @@ class ConsistencyDistillation(DistillationMethod):
         decay_steps: int = 0,
         guide_teacher: str | None = None,
         lora: LoRASpec | None = None,
+        teacher_zero3: str = "partition",
     ) -> None:
         self._check_choices(training, teacher_solver, distance, sigma_sampling, weighting)
+        check_teacher_zero3(teacher_zero3)
         if teacher is not None:
             super().__init__(
                 teacher=teacher,
@@ -155,6 +165,7 @@ class ConsistencyDistillation(DistillationMethod):
                 optimizer=optimizer,
                 warmup_steps=warmup_steps,
                 decay_steps=decay_steps,
+                teacher_zero3=teacher_zero3,
             )
             if training == "ct":
                 self.teacher_net = None  # CT only starts from the teacher; it is not kept (nor saved)
@@ -175,6 +186,7 @@ class ConsistencyDistillation(DistillationMethod):
                 decay_steps=decay_steps,
             )
             self.teacher_path = None
+            self.teacher_zero3 = teacher_zero3
             self.teacher_description = {}
             self.teacher_net = None
             self.guidance = 1.0
@@ -326,12 +338,13 @@ class ConsistencyDistillation(DistillationMethod):
     @torch.no_grad()
     def update_target(self) -> None:
         """θ⁻ ← sg(µθ⁻ + (1 − µ)θ) (CM Alg. 2); buffers are copied. µ = 0 makes θ⁻ an exact copy of θ."""
-        online = dict(self.net.named_parameters())
-        for name, p in self.target_net.named_parameters():
-            if self.target_momentum == 0.0:
-                p.copy_(online[name])
-            else:
-                p.lerp_(online[name].to(p.dtype), 1.0 - self.target_momentum)
+        with gathered_copy(self.target_net, self.net):
+            online = dict(self.net.named_parameters())
+            for name, p in self.target_net.named_parameters():
+                if self.target_momentum == 0.0:
+                    p.copy_(online[name])
+                else:
+                    p.lerp_(online[name].to(p.dtype), 1.0 - self.target_momentum)
         online_buffers = dict(self.net.named_buffers())
         for name, b in self.target_net.named_buffers():
             b.copy_(online_buffers[name])

@@ -25,6 +25,16 @@
   shorter-trained teacher of the same data and classes. A teacher file exported with ``--guide`` carries its
   guiding model and is used the same way without ``guide_teacher``. Works with a fixed w and with a w range.
 - The teacher's data description (shape, classes, normalisation) must match the shards the student trains on.
+- Under DeepSpeed ZeRO-3 (issue 20) ``teacher_zero3`` chooses where the frozen teacher (and guiding model) live:
+  ``partition`` (default) leaves them in the engine's module, so ZeRO-3 partitions them like the student and gathers
+  one layer at a time for each teacher call: per rank P_T·b/N bytes at rest (P_T teacher parameters, b bytes per
+  element of the compute dtype, N ranks) plus one layer gathered while it runs, at the price of an all-gather of the
+  whole teacher on every teacher call; ``replicate`` keeps a full copy on every rank outside the engine's
+  partitioning, in the compute dtype (bf16 under ``bf16-mixed``): P_T·b bytes per rank and no communication for
+  teacher calls. The teacher is frozen either way (no gradient, no optimizer state). A replicated teacher is saved
+  in rank 0's client state (``replicated_state_dict``: TRACT's teacher changes at phase changes) and broadcast to the
+  other ranks on resume. EMA, target and self-teacher copies stay in the engine and are updated through
+  ``lit_gen.scale.zero3.gathered_copy``.
 """
 
 from __future__ import annotations
@@ -45,7 +55,10 @@ from lit_gen.errors import LitGenError
 from lit_gen.export import LoadedModel, load_model
 from lit_gen.methods.base import GenerativeMethod
 from lit_gen.nets.lora import check_resume
+from lit_gen.scale.checkpoints import REPLICATED_KEY  # networks kept outside ZeRO-3's partitioning
 from lit_gen.spec import build, describe
+
+TEACHER_ZERO3 = ("partition", "replicate")  # where the frozen teacher lives under ZeRO-3 (see the module docstring)
 
 
 def load_teacher(path: str | Path) -> LoadedModel:
@@ -153,12 +166,14 @@ class DistillationMethod(GenerativeMethod):
         optimizer: optimizer factory for the student.
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         decay_steps: linear learning-rate decay to 0 at this step (0 = constant).
+        teacher_zero3: under DeepSpeed ZeRO-3, ``partition`` the frozen teacher with the student (P_T·b/N bytes per
+            rank) or ``replicate`` it on every rank in the compute dtype (P_T·b bytes, no gathers); ignored otherwise.
     """
 
     method_name = "distill"
-    # The students keep EMA / target / teacher copies of the network as plain modules; under ZeRO-3 their parameters
-    # are partitioned placeholders, so those copies would silently read nothing (measured: TRACT's inference EMA
-    # stayed at the teacher's weights). ZeRO 1/2 keep whole parameters on every rank and work.
+    # The students keep EMA / target / teacher copies of the network; under ZeRO-3 their parameters are partitioned
+    # placeholders, so a method may only run it once every place that reads or writes those copies outside a forward
+    # goes through lit_gen.scale.zero3 (TRACT, CD and f-distill do, tested in tests/test_scale_zero3.py).
     supports_zero3 = False
 
     def __init__(
@@ -173,8 +188,10 @@ class DistillationMethod(GenerativeMethod):
         warmup_steps: int = 0,
         decay_steps: int = 0,
         guide_teacher: str | None = None,
+        teacher_zero3: str = "partition",
     ) -> None:
         fixed_guidance, guidance_range = parse_guidance(guidance)
+        check_teacher_zero3(teacher_zero3)
         if student_dropout is not None and not 0.0 <= student_dropout < 1.0:
             raise LitGenError(f"student_dropout must be in [0, 1) or null, got {student_dropout}")
         loaded = load_teacher(teacher)
@@ -210,6 +227,7 @@ class DistillationMethod(GenerativeMethod):
             decay_steps=decay_steps,
         )
         self.teacher_path = str(teacher)
+        self.teacher_zero3 = teacher_zero3
         self.teacher_description = {k: v for k, v in loaded.description.items() if k != "weights"}
         self.teacher_net = loaded.net.requires_grad_(False).eval()
         self.guidance = fixed_guidance
@@ -246,6 +264,61 @@ class DistillationMethod(GenerativeMethod):
     @property
     def teacher_num_classes(self) -> int:
         return int(self.teacher_net.init_args.get("num_classes", 0) or 0)
+
+    # ------------------------------------------------------------------------------------- ZeRO-3: frozen copies
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "zero_stage_3", False) and getattr(self, "teacher_zero3", "partition") == "replicate":
+            self.replicate_frozen(strategy)
+
+    def replicate_frozen(self, strategy: Any) -> None:
+        """Take the frozen teacher (and guiding model) out of the module tree before ``deepspeed.initialize``, so
+        ZeRO-3 neither partitions nor hooks them: a full copy per rank on the training device, in the compute dtype
+        (what DeepSpeed's precision casts the engine's module to). They stay reachable as attributes."""
+        dtype = getattr(strategy.precision_plugin, "_desired_dtype", torch.float32)
+        names = list(getattr(self, "replicated_copies", []))
+        for name in ("teacher_net", "guide_net"):
+            module = self._modules.pop(name, None)
+            if module is None:
+                continue
+            module.to(device=strategy.root_device, dtype=dtype)
+            object.__setattr__(self, name, module)  # a plain attribute: not in state_dict(), parameters(), to()
+            names.append(name)
+        self.replicated_copies = names
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        names = getattr(self, "replicated_copies", [])
+        if names:
+            checkpoint["lit_gen"]["teacher_zero3"] = "replicate"
+            if self.global_rank == 0:  # one copy on disk: every rank holds the same weights
+                state = {f"{n}.{k}": v for n in names for k, v in getattr(self, n).state_dict().items()}
+                checkpoint[REPLICATED_KEY] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        check_resume(self, checkpoint)  # a LoRA run resumes over the teacher it was trained from (lit_gen.nets.lora)
+        names = getattr(self, "replicated_copies", [])
+        if not names:
+            return
+        import torch.distributed as dist
+
+        saved = checkpoint.get(REPLICATED_KEY)
+        distributed = dist.is_available() and dist.is_initialized()
+        found = bool(self.trainer.strategy.broadcast(saved is not None, src=0)) if distributed else saved is not None
+        if not found:
+            raise LitGenError(
+                "the checkpoint has no replicated teacher (it was written with model.teacher_zero3 partition); "
+                "resume with the same teacher_zero3"
+            )
+        with torch.no_grad():
+            for name in names:
+                for key, tensor in getattr(self, name).state_dict().items():
+                    if self.global_rank == 0:
+                        tensor.copy_(saved[f"{name}.{key}"])
+                    if distributed:
+                        dist.broadcast(tensor, src=0)
 
     def train(self, mode: bool = True) -> DistillationMethod:
         """Lightning puts the module in train mode at fit start; the frozen teacher (and guide) stay in eval mode."""
@@ -318,10 +391,6 @@ class DistillationMethod(GenerativeMethod):
         return [p for p in self.net.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------------------------------- checkpoint section
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        check_resume(self, checkpoint)  # a LoRA run resumes over the teacher it was trained from (lit_gen.nets.lora)
-
     def describe(self) -> dict[str, Any]:
         section = super().describe()
         if getattr(self, "lora_info", None) is not None:
@@ -336,6 +405,11 @@ class DistillationMethod(GenerativeMethod):
             section["teacher"]["guide_teacher"] = self.guide_teacher_path or "carried by the teacher file"
             section["teacher"]["guidance_kind"] = "autoguidance"
         return section
+
+
+def check_teacher_zero3(value: str) -> None:
+    if value not in TEACHER_ZERO3:
+        raise LitGenError(f"unknown teacher_zero3 {value!r}; choose one of: {', '.join(TEACHER_ZERO3)}")
 
 
 def check_guide(guide_model: LoadedModel, teacher: LoadedModel, guide_path: str, teacher_path: str) -> None:

@@ -52,6 +52,15 @@ Update scheme (one optimizer, so it also runs under Lightning's DeepSpeed strate
 The student samples in one step: ``describe()["sampling"]`` = Euler on the grid [σ_max, 0], which is exactly
 x = D_θ(σ_max z; σ_max). A module-owned EMA of the generator (``ema_halflife_steps`` > 0, ``net_ema``, exported via
 ``ema_prefix``) avoids the EMA callback, which would deep-copy the teacher, fake score and head too.
+
+DeepSpeed ZeRO-3 (issue 20): the three groups stay in one optimizer; ZeRO-3's optimizer sets each torch group's
+``params`` itself, so the inactive group is skipped by ``lit_gen.scale.zero3.skip_param_groups`` instead (same
+semantics: weights and Adam state untouched). Its gradient buffers keep the previous step's values for parameters
+that get no gradient, so on critic steps the generator's exact-zero gradient comes from 0·G_θ(z) (a generator
+backward) rather than from 0·Σθ (which needs the whole, ungathered parameters). The generator's "detached" views of
+the head and of a fake-score feature net switch ``requires_grad`` off for the call instead of ``functional_call``
+with detached weights (which would bypass ZeRO-3's gathering); the EMA update runs in
+``lit_gen.scale.zero3.gathered_copy``. The teacher is partitioned or replicated by ``teacher_zero3``.
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ from lit_gen.methods.divergences import (
 )
 from lit_gen.nets.discriminator import MultiLevelDiscriminator
 from lit_gen.nets.lora import LoRASpec, adapt_method
+from lit_gen.scale.zero3 import gathered_copy, partitioned, skip_param_groups
 
 GROUPS = ("generator", "fake_score", "discriminator")
 
@@ -154,6 +164,21 @@ def gan_discriminator_loss(logit_real: Tensor, logit_fake: Tensor) -> Tensor:
 
 
 @contextmanager
+def frozen_weights(module: nn.Module) -> Iterator[nn.Module]:
+    """Calls of ``module`` inside the block record no gradient for its weights (gradient still reaches the inputs):
+    the weights are used as constants, as ``functional_call`` with detached weights would — and ZeRO-3's gathering
+    hooks still see the real parameters."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+@contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Run ``module`` deterministically (eval mode: no dropout) inside the block, then restore its mode."""
     was_training = module.training
@@ -169,20 +194,6 @@ def feature_levels(net: nn.Module, x_in: Tensor, c_noise: Tensor, label: Tensor 
     if hasattr(net, "feature_levels"):
         return list(net.feature_levels(x_in, c_noise, label))
     return [net.features(x_in, c_noise, label)]
-
-
-class _FeatureLevels(nn.Module):
-    """``forward`` = the wrapped net's feature levels, so ``torch.func.functional_call`` can read them with other
-    (detached) parameters."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(
-        self, x_in: Tensor, c_noise: Tensor, label: Tensor | None, c_guide: Tensor | None = None
-    ) -> list[Tensor]:
-        return feature_levels(bind_guidance(self.net, c_guide), x_in, c_noise, label)
 
 
 class _CaptureInput:
@@ -250,11 +261,14 @@ class FDistill(DistillationMethod):
         decay_steps: linear learning-rate decay to 0 at this optimizer step (0 = constant).
         lora: LoRA adapters instead of a full student, e.g. {rank: 8, alpha: 8, targets: [...]} (alpha = rank and
             per-network targets by default; ``lit_gen.nets.lora``); null = train every weight.
+        teacher_zero3: under DeepSpeed ZeRO-3, ``partition`` or ``replicate`` the frozen teacher (see
+            ``lit_gen.methods.distill``).
     """
 
     method_name = "fdistill"
     default_sampler = "euler"
     default_steps = 1
+    supports_zero3 = True  # see "DeepSpeed ZeRO-3" in the module docstring
 
     def __init__(
         self,
@@ -295,6 +309,7 @@ class FDistill(DistillationMethod):
         decay_steps: int = 0,
         guide_teacher: str | None = None,
         lora: LoRASpec | None = None,
+        teacher_zero3: str = "partition",
     ) -> None:
         super().__init__(
             teacher=teacher,
@@ -307,6 +322,7 @@ class FDistill(DistillationMethod):
             optimizer=optimizer,
             warmup_steps=warmup_steps,
             decay_steps=decay_steps,
+            teacher_zero3=teacher_zero3,
         )
         self.divergence = get_divergence(divergence, alpha)
         checks = [
@@ -399,10 +415,8 @@ class FDistill(DistillationMethod):
             return feature_levels(self.teacher_net, *capture.args)
         if not detach_net:
             return feature_levels(bind_guidance(self.fake_net, w), *capture.args)
-        wrapper = _FeatureLevels(self.fake_net)
-        params = {f"net.{name}": p.detach() for name, p in self.fake_net.named_parameters()}
-        with eval_mode(self.fake_net):
-            return torch.func.functional_call(wrapper, params, capture.args, {"c_guide": w})
+        with eval_mode(self.fake_net), frozen_weights(self.fake_net):
+            return feature_levels(bind_guidance(self.fake_net, w), *capture.args)
 
     def logits(
         self,
@@ -420,8 +434,8 @@ class FDistill(DistillationMethod):
             feats = self.disc_feature_levels(x, sigma, label, detach_net=detach_head, w=w)
         if not detach_head:
             return self.disc(feats)
-        params = {name: p.detach() for name, p in self.disc.named_parameters()}
-        return torch.func.functional_call(self.disc, params, (feats,))
+        with frozen_weights(self.disc):
+            return self.disc(feats)
 
     def ramp_sigma(self, t: Tensor) -> Tensor:
         return ramp_sigma(t, self.param.sigma_min, self.param.sigma_max)
@@ -572,8 +586,9 @@ class FDistill(DistillationMethod):
         generator_step = self.is_generator_step()
         z = torch.randn_like(y)
         w = self.sample_guidance(b, y.device)  # a w-conditioned generator (Meng et al. 2023): one w per sample
-        # One generator forward per step; only generator steps keep its graph.
-        with torch.set_grad_enabled(generator_step):
+        # One generator forward per step; only generator steps keep its graph (and every step under ZeRO-3).
+        zero3 = partitioned(self.net)
+        with torch.set_grad_enabled(generator_step or zero3):
             x0 = self.generate(z, label, w)
         fake_loss = self.loss_fake_score(x0, label, w)
         total = fake_loss
@@ -611,7 +626,10 @@ class FDistill(DistillationMethod):
                 logs.update(self._weight_stats(g["weight"], g["r"]))
         else:
             # Exactly-zero gradient for every generator parameter (DDP's reducer and ZeRO's buffers expect one).
-            total = total + 0.0 * sum(p.reshape(-1)[:1].sum() for p in self.net.parameters())
+            if zero3:
+                total = total + 0.0 * x0.float().sum()
+            else:
+                total = total + 0.0 * sum(p.reshape(-1)[:1].sum() for p in self.net.parameters())
         self.log_dict(logs, batch_size=b)
         return total
 
@@ -684,7 +702,8 @@ class FDistill(DistillationMethod):
             return result
 
         try:
-            optimizer.step(closure=closure)
+            with skip_param_groups(optimizer, [g["name"] for g in inactive]):
+                optimizer.step(closure=closure)
         finally:
             for group, params in emptied:
                 group["params"] = params
@@ -703,8 +722,9 @@ class FDistill(DistillationMethod):
             return
         k = int(self.generator_updates)
         beta = min(0.5 ** (1.0 / self.ema_halflife_steps), (1 + k) / (10 + k))
-        for e, p in zip(self.net_ema.parameters(), self.net.parameters(), strict=True):
-            e.lerp_(p.detach().to(e.dtype), 1.0 - beta)
+        with gathered_copy(self.net_ema, self.net):
+            for e, p in zip(self.net_ema.parameters(), self.net.parameters(), strict=True):
+                e.lerp_(p.detach().to(e.dtype), 1.0 - beta)
         for e, b in zip(self.net_ema.buffers(), self.net.buffers(), strict=True):
             e.copy_(b)
 

@@ -31,6 +31,11 @@ but that changes the meaning of ``gradient_clip_val``); x̂ clipping inside the 
 State for an exact resume lives in the module: ``phase``, the EMA update counters (buffers), the current teacher
 (``teacher_net.``), the self-teacher and the inference EMA (submodules); the noise, indices and dropout of step k
 are drawn from an RNG seeded by (``seed``, k, rank), so a resumed run draws what the uninterrupted one would have.
+
+DeepSpeed ZeRO-3 (issue 20): the inference EMA and the self-teacher are frozen submodules that ZeRO-3 partitions with
+the student; their updates and the teacher swap at a phase change run inside ``lit_gen.scale.zero3.gathered_copy``
+(full weights of both networks for the length of the update, rank 0's result re-partitioned). The teacher is
+partitioned or replicated by ``teacher_zero3`` (``lit_gen.methods.distill``).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from lit_gen.diffusion.tract import (
 from lit_gen.errors import LitGenError
 from lit_gen.methods.distill import DistillationMethod, GuidedLabel, split_label, with_guidance_embed
 from lit_gen.nets.lora import LoRASpec, adapt_method
+from lit_gen.scale.zero3 import gathered_copy
 
 EMA_PREFIX = "net_ema."
 
@@ -96,10 +102,13 @@ class TRACT(DistillationMethod):
         warmup_steps: linear learning-rate warm-up at the start of the run, in optimizer steps.
         lora: LoRA adapters instead of a full student, e.g. {rank: 8, alpha: 8, targets: [...]} (alpha = rank and
             per-network targets by default; ``lit_gen.nets.lora``); null = train every weight.
+        teacher_zero3: under DeepSpeed ZeRO-3, ``partition`` or ``replicate`` the frozen teacher (see
+            ``lit_gen.methods.distill``).
     """
 
     method_name = "tract"
     default_sampler = "ddim"
+    supports_zero3 = True  # EMA, self-teacher and teacher swap gather through lit_gen.scale.zero3
 
     def __init__(
         self,
@@ -124,6 +133,7 @@ class TRACT(DistillationMethod):
         warmup_steps: int = 0,
         guide_teacher: str | None = None,
         lora: LoRASpec | None = None,
+        teacher_zero3: str = "partition",
     ) -> None:
         super().__init__(
             teacher=teacher,
@@ -135,6 +145,7 @@ class TRACT(DistillationMethod):
             student_dropout=student_dropout,
             optimizer=optimizer,
             warmup_steps=warmup_steps,
+            teacher_zero3=teacher_zero3,
         )
         self.phases = PhaseSchedule.from_config(schedule, steps_per_phase)
         check_target(target, self.phases)
@@ -217,7 +228,8 @@ class TRACT(DistillationMethod):
     def enter_phase(self, phase: int) -> None:
         """Advance to ``phase``: at every phase change the teacher becomes the inference EMA (TRACT Sec. 3.2)."""
         while int(self.phase) < phase:
-            self.teacher_net.load_state_dict(self.net_ema.state_dict())
+            with gathered_copy(self.teacher_net, self.net_ema):
+                self.teacher_net.load_state_dict(self.net_ema.state_dict())
             self.phase.add_(1)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -295,10 +307,12 @@ class TRACT(DistillationMethod):
         if self.self_teacher is not None:
             self.self_teacher_updates.add_(1)
             weight = ema_weight(self.self_teacher_momentum, int(self.self_teacher_updates))
-            ema_update_(self.self_teacher, self.net, weight)
+            with gathered_copy(self.self_teacher, self.net):
+                ema_update_(self.self_teacher, self.net, weight)
         self.ema_updates.add_(1)
         momentum = inference_momentum(self.ema_residual, self.phases.updates[int(self.phase)])
-        ema_update_(self.net_ema, self.net, ema_weight(momentum, int(self.ema_updates)))
+        with gathered_copy(self.net_ema, self.net):
+            ema_update_(self.net_ema, self.net, ema_weight(momentum, int(self.ema_updates)))
 
     # ------------------------------------------------------------------------------------- checkpoint section
     def describe(self) -> dict[str, Any]:

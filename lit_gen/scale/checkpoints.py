@@ -10,6 +10,12 @@ The raw weights are consolidated from the fp32 partitions by DeepSpeed's own ``z
 stage and world size. DeepSpeed reads those files with ``weights_only=False``; here every ``torch.load`` during the
 conversion is forced to ``weights_only=True`` with exactly three DeepSpeed classes allow-listed (plain records: the
 loss-scaler settings, the ZeRO stage enum and a fragment address), so a tampered file cannot run code.
+
+ZeRO-3 (issue 20): the trainable parameters come from the fp32 partitions, the frozen ones (a partitioned teacher,
+EMA / target / self-teacher copies) from the per-rank frozen fragments DeepSpeed saves in each
+``zero_pp_rank_<r>_mp_rank_00_model_states.pt`` — ``zero_to_fp32`` merges both. Networks a distillation kept outside
+the partitioning (``teacher_zero3: replicate``) are in rank 0's client state under ``replicated_state_dict`` and are
+merged into ``state_dict`` here, so a stage-3 folder reads like any other checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from lit_gen.errors import LitGenError, first_line, load_torch_file
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
+REPLICATED_KEY = "replicated_state_dict"  # lit_gen.methods.distill: networks kept whole outside ZeRO-3
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
@@ -101,6 +108,9 @@ def read_deepspeed_checkpoint(path: str | Path) -> dict[str, Any]:
     # Buffers (integer ones too) come from the engine's module state; parameters from the fp32 consolidation.
     state = {k: v for k, v in module.items() if k not in fp32}
     state.update({k: v.float() if v.is_floating_point() else v for k, v in fp32.items()})
-    checkpoint = {k: v for k, v in client.items() if k not in ("optimizer", "param_shapes", "frozen_param_shapes")}
+    replicated = client.pop(REPLICATED_KEY, None) or {}
+    state.update({k: v.float() if v.is_floating_point() else v for k, v in replicated.items()})
+    skip = ("optimizer", "param_shapes", "frozen_param_shapes", "frozen_param_fragments")
+    checkpoint = {k: v for k, v in client.items() if k not in skip}
     checkpoint["state_dict"] = state
     return checkpoint

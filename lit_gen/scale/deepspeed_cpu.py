@@ -10,6 +10,9 @@ which this subclass bypasses and nothing else (DESIGN.md "Scale"):
 3. ``deepspeed.initialize`` gets ``device_rank=root_device.index``, which is None on CPU and fails DeepSpeed's
    ``device_rank >= 0`` -> pass the local rank (the CPU accelerator ignores it).
 
+ZeRO-3 needs nothing more (measured with DeepSpeed 0.19.8: fit, save, resume and ``zero_to_fp32`` consolidation on
+2 CPU processes; recipes/scale/deepspeed_cpu_stage3.yaml).
+
 Only training is covered (``trainer.fit``); validation/prediction under this strategy still take Lightning's
 inference path, which needs (3) too. Use::
 

@@ -16,6 +16,10 @@ and one in the training step:
    met fp32 input and bf16 weights ("Input type (float) and bias type (c10::BFloat16) should be the same", measured
    with benchmarks/gpu.py --tiny). The step runs under ``torch.autocast`` with the same dtype, as Lightning's DDP
    ``bf16-mixed`` does: matmuls and convolutions take bf16 operands, reductions and losses stay fp32.
+
+One argument is added: ``param_persistence_threshold`` (DeepSpeed's ``stage3_param_persistence_threshold``, which
+Lightning does not expose; default DeepSpeed's 1e5): ZeRO-3 keeps parameters with at most this many elements whole on
+every rank. recipes/scale/deepspeed_cpu_stage3.yaml sets 0 so the toy networks' small layers are partitioned too.
 """
 
 from __future__ import annotations
@@ -63,6 +67,16 @@ class DeepSpeed(DeepSpeedStrategy):
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         with self._autocast():
             return super().validation_step(*args, **kwargs)
+
+    def __init__(self, *args: Any, param_persistence_threshold: int | None = None, **kwargs: Any) -> None:
+        """Lightning's ``DeepSpeedStrategy`` arguments, plus ``param_persistence_threshold``: ZeRO-3 keeps
+        parameters of at most this many elements whole on every rank (None = DeepSpeed's default, 1e5)."""
+        super().__init__(*args, **kwargs)
+        if param_persistence_threshold is not None:
+            if param_persistence_threshold < 0:
+                raise LitGenError(f"param_persistence_threshold must be >= 0, got {param_persistence_threshold}")
+            zero = self.config.setdefault("zero_optimization", {})
+            zero["stage3_param_persistence_threshold"] = int(param_persistence_threshold)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         from lit_gen.scale.checkpoints import _weights_only_loads
