@@ -222,24 +222,20 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def read_fsdp_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict of an FSDP folder (``lit_gen``, ``state_dict`` = full fp32/int tensors,
-    ``ema_state_dict``, callbacks, ...), consolidated in this process (no process group needed)."""
+def read_fsdp_tensors(path: str | Path, tops: tuple[str, ...] = ("state_dict", "ema_state_dict")) -> dict[str, dict]:
+    """The tensors saved under the top-level checkpoint keys ``tops`` (``state_dict``, ``ema_state_dict``,
+    ``optimizer_0``), as full tensors in this process (no process group needed): ``{top: {inner key: tensor}}``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = Path(path)
     check_complete(path)
-    meta = _read_meta(path)
-    info = meta.pop(FSDP_KEY, {}) or {}
-    if "lit_gen" not in meta:
-        raise LitGenError(f"{path} was not written by lit_gen (no 'lit_gen' section in {META_FILE})")
     try:
         metadata = _safe_reader(path).read_metadata()
         template: dict[str, dict[str, torch.Tensor]] = {}
         for fqn, item in metadata.state_dict_metadata.items():
             top, _, inner = fqn.partition(".")
-            if top in ("state_dict", "ema_state_dict") and isinstance(item, TensorStorageMetadata):
+            if top in tops and isinstance(item, TensorStorageMetadata):
                 template.setdefault(top, {})[inner] = torch.empty(item.size, dtype=item.properties.dtype)
         with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": intended
             warnings.simplefilter("ignore", UserWarning)
@@ -247,16 +243,37 @@ def read_fsdp_checkpoint(path: str | Path) -> dict[str, Any]:
                      no_dist=True)  # fmt: skip
     except LitGenError:
         raise
-    except Exception as err:  # noqa: BLE001 - damaged files fail in arbitrary ways (see errors.load_torch_file)
+    except _FAILURES as err:  # noqa: BLE001 - damaged files fail in arbitrary ways (see errors.load_torch_file)
         raise LitGenError(f"cannot read FSDP checkpoint {path}: {type(err).__name__}: {first_line(err)}") from None
-    if not template.get("state_dict"):
+    return template
+
+
+def read_fsdp_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict of an FSDP folder (``lit_gen``, ``state_dict`` = full fp32/int tensors,
+    ``ema_state_dict``, callbacks, ...), consolidated in this process (no process group needed)."""
+    path = Path(path)
+    check_complete(path)
+    meta = _read_meta(path)
+    info = meta.pop(FSDP_KEY, {}) or {}
+    if "lit_gen" not in meta:
+        raise LitGenError(f"{path} was not written by lit_gen (no 'lit_gen' section in {META_FILE})")
+    tensors = read_fsdp_tensors(path)
+    if not tensors.get("state_dict"):
         raise LitGenError(f"{path} holds no model weights")
     checkpoint = dict(meta)
-    for key in ("state_dict", "ema_state_dict"):
-        if key in template:
-            checkpoint[key] = {k: v.float() if v.is_floating_point() else v for k, v in template[key].items()}
+    for key, values in tensors.items():
+        checkpoint[key] = {k: v.float() if v.is_floating_point() else v for k, v in values.items()}
     checkpoint[FSDP_KEY] = info
     return checkpoint
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    return (Exception, CheckpointException)
+
+
+_FAILURES = _failures()
 
 
 def _holds_dtensor(value: Any) -> bool:
@@ -446,7 +463,7 @@ class FSDP(ModelParallelStrategy):
             dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner())
         except LitGenError:
             raise
-        except Exception as err:  # noqa: BLE001 - damaged files fail in arbitrary ways
+        except _FAILURES as err:  # noqa: BLE001 - damaged files fail in arbitrary ways
             raise LitGenError(
                 f"cannot resume from FSDP checkpoint {path}: {type(err).__name__}: {first_line(err)}"
             ) from None
