@@ -98,6 +98,25 @@ def sharding_plan(module: nn.Module) -> tuple[list[str], list[str]]:
     return own, frozen
 
 
+def apply_sharding(
+    module: nn.Module, mesh: Any, reshard_after_forward: bool = True, frozen_dtype: torch.dtype = torch.float32
+) -> tuple[list[str], list[str]]:
+    """``fully_shard`` by ``sharding_plan``: the own units first, then the root with the frozen modules left out
+    (``ignored_params``: replicated, cast to ``frozen_dtype``). Returns the plan."""
+    from torch.distributed.fsdp import fully_shard
+
+    own, frozen = sharding_plan(module)
+    ignored: set[nn.Parameter] = set()
+    for name in frozen:
+        child = getattr(module, name)
+        child.to(frozen_dtype)
+        ignored.update(child.parameters())
+    for name in own:
+        fully_shard(getattr(module, name), mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=mesh, ignored_params=ignored)
+    return own, frozen
+
+
 def check_precision(precision: Any) -> None:
     """One line for a precision FSDP cannot run here (before any process starts)."""
     value = str(precision) if precision is not None else "32-true"
@@ -351,21 +370,9 @@ class FSDP(ModelParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
 
     def shard(self, module: nn.Module) -> None:
-        """Apply ``fully_shard`` by ``sharding_plan``: own units first, then the root with the frozen modules left
-        out (replicated in the compute dtype)."""
-        from torch.distributed.fsdp import fully_shard
-
-        own, frozen = self.plan = sharding_plan(module)
-        mesh = self.device_mesh["data_parallel"]
+        """``apply_sharding`` on this run's data-parallel mesh, frozen modules in the compute dtype (or fp32)."""
         dtype = _compute_dtype(self.precision_name) if self.frozen_dtype == "compute" else torch.float32
-        ignored: set[nn.Parameter] = set()
-        for name in frozen:
-            child = getattr(module, name)
-            child.to(dtype)
-            ignored.update(child.parameters())
-        for name in own:
-            fully_shard(getattr(module, name), mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(module, mesh=mesh, ignored_params=ignored)
+        self.plan = apply_sharding(module, self.device_mesh["data_parallel"], self.reshard_after_forward, dtype)
 
     # The LightningModule is the root FSDP module: run its steps through its forward so FSDP's hooks fire.
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -498,3 +505,57 @@ def state_bytes_per_rank(module: nn.Module, optimizer: torch.optim.Optimizer | N
         for state in optimizer.state.values():
             out["optimizer"] += sum(size(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ GPU checks
+def gpu_check(workdir: str | Path, steps: int = 20, accelerator: str = "gpu", precision: str = "bf16-mixed") -> dict:
+    """The FSDP checks the CPU tests cannot make, for ``benchmarks/gpu.py`` on the lent GPU: the CUDA/NCCL path
+    (Lightning passes ``device_id`` to the process group, FSDP2 shards onto the CUDA mesh and overlaps its
+    collectives on CUDA streams; gloo on CPU takes none of these paths), bf16-mixed under CUDA autocast, and the peak
+    CUDA memory of an FSDP step. On one device (world size 1) in this process, from the CLI and the real recipes:
+    the toy2d teacher fits ``steps`` steps, a second run stops at ``steps // 2`` and resumes to ``steps`` and must
+    end bit-identical (weights, EMA, optimizer state); the folder exports to one safetensors file that samples;
+    f-distill then trains ``steps`` steps from that folder as its teacher (frozen teacher in bf16).
+
+    Returns ``{"teacher_s", "fdistill_s", "resume_bit_exact", "export_finite", "peak_memory_bytes"}``
+    (``peak_memory_bytes`` None without CUDA). ``accelerator="cpu"`` runs the same code on CPU (a smoke test).
+    """
+    import time
+
+    from lit_gen.cli import main
+    from lit_gen.export import export, load_model
+
+    workdir = Path(workdir)
+    repo = Path(__file__).resolve().parents[2]
+    shards = workdir / "toy2d_gmm8"
+    if not shards.exists():
+        main(["shards", "builtin:toy2d:gmm8:20000", "--out", str(shards), "--shard-size", "5000", "--no-progress"])
+    cuda = accelerator == "gpu" and torch.cuda.is_available()
+    overlay = repo / "recipes/scale" / ("fsdp.yaml" if accelerator == "gpu" else "fsdp_cpu.yaml")
+    common = ["-c", str(overlay), f"--trainer.accelerator={accelerator}", "--trainer.devices=1",
+              f"--trainer.precision={precision}", f"--data.init_args.shards={shards}",
+              "--trainer.enable_progress_bar=false"]  # fmt: skip
+
+    def fit(recipe: str, root: Path, max_steps: int, *extra: str) -> float:
+        start = time.perf_counter()
+        main(["fit", "-c", str(repo / recipe), *common, f"--trainer.default_root_dir={root}",
+              f"--trainer.max_steps={max_steps}", *extra])  # fmt: skip
+        return time.perf_counter() - start
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    teacher_s = fit("recipes/toy2d/teacher.yaml", workdir / "teacher", steps)
+    fit("recipes/toy2d/teacher.yaml", workdir / "resumed", steps // 2)
+    fit("recipes/toy2d/teacher.yaml", workdir / "resumed", steps, "--ckpt_path", "last")
+    folder, resumed = workdir / "teacher/checkpoints/last.ckpt", workdir / "resumed/checkpoints/last.ckpt"
+    tops = ("state_dict", "ema_state_dict", "optimizer_0")
+    a, b = read_fsdp_tensors(folder, tops), read_fsdp_tensors(resumed, tops)
+    bit_exact = a.keys() == b.keys() and all(
+        a[t].keys() == b[t].keys() and all(torch.equal(a[t][k], b[t][k]) for k in a[t]) for t in a
+    )
+    model = load_model(export(folder, workdir / "teacher.safetensors"))
+    finite = bool(torch.isfinite(model.sample(256, steps=8)).all())
+    fdistill_s = fit("recipes/toy2d/fdistill.yaml", workdir / "fdistill", steps, f"--model.init_args.teacher={folder}")
+    peak = int(torch.cuda.max_memory_allocated()) if cuda else None
+    return {"teacher_s": teacher_s, "fdistill_s": fdistill_s, "resume_bit_exact": bit_exact,
+            "export_finite": finite, "peak_memory_bytes": peak}  # fmt: skip
