@@ -89,10 +89,25 @@ def fsdp_teacher(toy_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def fsdp_fdistill(toy_shards: Path, fsdp_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sampling(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """An overlay whose sample grid fires every 4 steps: rank 0 samples from a sharded generator EMA."""
+    overlay = tmp_path_factory.mktemp("overlay") / "sampling.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n    - class_path: callbacks.checkpoint.Checkpoint\n"
+        "      init_args: {save_last: true, every_n_train_steps: 250, save_top_k: 0}\n"
+        "    - class_path: callbacks.sample_grid.SampleGrid\n      init_args: {every_n_steps: 4, n: 64}\n"
+    )
+    return ["-c", str(overlay)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_fdistill(
+    toy_shards: Path, fsdp_teacher: Path, sampling: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """An 8-step FSDP f-distill run (update_ratio 2, GAN head, module-owned EMA) of the FSDP teacher folder."""
     root = tmp_path_factory.mktemp("fsdp") / "fdistill"
-    lit_gen(*fdistill_fit(toy_shards, fsdp_teacher, root, 8, *FSDP_CPU))
+    lit_gen(*fdistill_fit(toy_shards, fsdp_teacher, root, 8, *FSDP_CPU, *sampling))
+    assert sorted(p.name for p in (root / "samples").iterdir()) == ["step_0000004.png", "step_0000008.png"]
     return root / "checkpoints" / "last.ckpt"
 
 
@@ -181,11 +196,11 @@ def test_fsdp_teacher_matches_ddp(fsdp_teacher: Path, toy_shards: Path, tmp_path
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_fsdp_fdistill_resume_is_bit_exact_and_exports(
-    fsdp_fdistill: Path, fsdp_teacher: Path, toy_shards: Path, tmp_path: Path
+    fsdp_fdistill: Path, fsdp_teacher: Path, sampling: list[str], toy_shards: Path, tmp_path: Path
 ) -> None:
     """Stopped at step 5 (mid update-ratio cycle: the next step trains the critics only) and resumed to 8."""
-    lit_gen(*fdistill_fit(toy_shards, fsdp_teacher, tmp_path, 5, *FSDP_CPU))
-    lit_gen(*fdistill_fit(toy_shards, fsdp_teacher, tmp_path, 8, *FSDP_CPU), "--ckpt_path", "last")
+    lit_gen(*fdistill_fit(toy_shards, fsdp_teacher, tmp_path, 5, *FSDP_CPU, *sampling))
+    lit_gen(*fdistill_fit(toy_shards, fsdp_teacher, tmp_path, 8, *FSDP_CPU, *sampling), "--ckpt_path", "last")
     assert_same_state(fsdp_fdistill, tmp_path / "checkpoints" / "last.ckpt")
 
     tensors = read_fsdp_tensors(fsdp_fdistill, ("state_dict", "optimizer_0"))
@@ -236,6 +251,7 @@ def test_fsdp_kill_during_save_resumes_from_a_complete_checkpoint(toy_shards: Pa
         "trainer:\n  callbacks:\n    - class_path: callbacks.checkpoint.Checkpoint\n"
         "      init_args: {save_last: true, every_n_train_steps: 2, save_top_k: 0}\n"
         "    - class_path: callbacks.ema.EMA\n      init_args: {halflife_steps: 20}\n"
+        "    - class_path: callbacks.sample_grid.SampleGrid\n      init_args: {every_n_steps: 2, n: 64, steps: 2}\n"
     )
     root = tmp_path / "run"
     args = teacher_fit(toy_shards, root, 400, *FSDP_CPU, "-c", str(overlay))
@@ -255,6 +271,7 @@ def test_fsdp_kill_during_save_resumes_from_a_complete_checkpoint(toy_shards: Pa
     assert step >= 2 and step % 2 == 0
     lit_gen(*teacher_fit(toy_shards, root, step + 2, *FSDP_CPU, "-c", str(overlay)), "--ckpt_path", "last")
     assert read_checkpoint(last)["global_step"] == step + 2
+    assert (root / "samples" / f"step_{step + 2:07d}.png").is_file()  # rank 0 sampled the sharded EMA network
 
 
 @pytest.mark.multiprocess

@@ -44,9 +44,11 @@ non-tensor items and ``meta.pt`` through ``torch.load(weights_only=True)`` (DCP 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -481,6 +483,34 @@ class FSDP(ModelParallelStrategy):
                 set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state.pop(f"optimizer_{idx}"))
         meta.update(state)  # the DTensor entries (ema_state_dict) for the callbacks' on_load_checkpoint
         return meta
+
+
+# ------------------------------------------------------------------------------------------------ rank-0 sampling
+def is_sharded(net: nn.Module) -> bool:
+    """Whether FSDP shards ``net``'s parameters (DTensors): its forward is then a collective of all ranks."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in net.parameters())
+
+
+@contextlib.contextmanager
+def full_network(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` itself, or — when FSDP shards it — a plain copy with the full weights (rebuilt from its lit_gen spec),
+    so that rank 0 alone can run it (the sample-grid and evaluation callbacks sample on rank 0 only; a sharded
+    forward there would wait forever for the other ranks' all-gathers). Every rank must enter: the weights are
+    all-gathered (``DTensor.full_tensor``)."""
+    from torch.distributed.tensor import DTensor
+
+    from lit_gen.spec import build, describe
+
+    if not is_sharded(net):
+        yield net
+        return
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in net.state_dict().items()}
+    device = next(iter(state.values())).device
+    copy = build(describe(net)).to(device)
+    copy.load_state_dict(state)
+    yield copy.train(net.training).requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------ measurement
