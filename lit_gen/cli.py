@@ -142,7 +142,8 @@ def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> Path | None:
     """Refuse an unreadable ``--ckpt_path`` file with one line before Lightning loads it (whose own load would end
     in a traceback from deep inside torch's unpickler on damaged bytes); ``trainer`` None: before the trainer exists.
     ``last`` is resolved as Lightning does: the newest ``last*.ckpt`` of the checkpoint callbacks. Folders (DeepSpeed
-    checkpoints) are checked by ``lit_gen_deepspeed``. The load is memory-mapped: its tensors are not read."""
+    checkpoints) are checked by ``lit_gen_deepspeed``,
+    FSDP folders by ``lit_gen.scale.fsdp.FSDP``. The load is memory-mapped: its tensors are not read."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lit_gen.errors import load_torch_file
