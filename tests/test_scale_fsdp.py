@@ -139,6 +139,17 @@ def test_precision_check_and_sharding_plan() -> None:
     assert state_bytes_per_rank(net, optimizer) == {"params": 64, "frozen_params": 0, "grads": 64, "optimizer": 128}
 
 
+def test_fsdp_overlays_parse_and_16_mixed_is_refused_while_parsing() -> None:
+    from lit_gen.cli import lightning_cli
+
+    teacher = ["-c", str(REPO / "recipes/toy2d/teacher.yaml")]
+    for overlay in ("fsdp.yaml", "fsdp_cpu.yaml"):
+        cli = lightning_cli([*teacher, "-c", str(REPO / "recipes/scale" / overlay)], run=False, instantiate=False)
+        assert cli.config.trainer.strategy.class_path == "lit_gen.scale.fsdp.FSDP"
+    with pytest.raises(LitGenError, match="cannot train with precision '16-mixed'"):
+        lightning_cli([*teacher, *FSDP_CPU, "--trainer.precision=16-mixed"], run=False, instantiate=False)
+
+
 # ------------------------------------------------------------------------------------------------ the teacher
 @pytest.mark.multiprocess
 @pytest.mark.slow
