@@ -29,7 +29,12 @@ What is sharded (``sharding_plan``, a named table per method; other methods are 
   The step runs inside the root module's forward (Lightning's forward redirection, as for DDP), so FSDP's hooks
   gather, reshard and reduce-scatter exactly as for any FSDP model.
 
-Checkpoints (``state_dict_type`` sharded only): a folder written with ``torch.distributed.checkpoint`` (DCP) — one
+A sharded network's forward is a collective (every rank all-gathers its unit), so the callbacks that sample on rank 0
+only (``callbacks.sample_grid.SampleGrid``, ``callbacks.evaluate.Evaluate``) take ``full_network``: every rank
+gathers the weights into a plain copy, and rank 0 samples from it. f-distill's critic steps add their exactly-zero
+generator gradient only to non-DTensor parameters (FSDP needs none; a DTensor term cannot join the plain loss).
+
+Checkpoints (sharded only): a folder written with ``torch.distributed.checkpoint`` (DCP) — one
 ``__<rank>_0.distcp`` file per rank, DCP's ``.metadata``, Lightning's non-tensor state in ``meta.pt`` — and last, by
 rank 0 after a barrier, the marker ``lit_gen_complete.json``. Tensor-valued checkpoint entries that hold DTensors
 (the EMA callback's ``ema_state_dict``) are saved through DCP as well, sharded. ``callbacks.checkpoint.Checkpoint``
