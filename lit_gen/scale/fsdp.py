@@ -513,7 +513,9 @@ def full_network(net: nn.Module) -> Iterator[nn.Module]:
         return
     state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in net.state_dict().items()}
     device = next(iter(state.values())).device
-    copy = build(describe(net)).to(device)
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: keep training's RNG stream untouched
+        copy = build(describe(net))
+    copy = copy.to(device)
     copy.load_state_dict(state)
     yield copy.train(net.training).requires_grad_(False)
 
