@@ -11,7 +11,6 @@ import contextlib
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.ema import EMA
 from lit_gen.export import LoadedModel
@@ -88,12 +87,18 @@ class Evaluate(Callback):
                 return callback.averaged(pl_module)
         return contextlib.nullcontext(pl_module.net)
 
-    @rank_zero_only
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        from lit_gen.scale.fsdp import full_network, is_sharded
+
+        if not trainer.is_global_zero:  # rank 0 evaluates; under FSDP every rank gathers the weights (full_network)
+            if is_sharded(pl_module.net):
+                with self._weights(trainer, pl_module) as averaged, full_network(averaged):
+                    pass
+            return {}
         evaluator = self._get_evaluator(pl_module)
         evaluator.check(getattr(pl_module, "data_info", None), f"the {type(pl_module).__name__} being trained")
         values: dict[str, float] = {}
-        with self._weights(trainer, pl_module) as net:
+        with self._weights(trainer, pl_module) as averaged, full_network(averaged) as net:
             was_training = net.training
             model = LoadedModel(net=net, param=pl_module.param, description=pl_module.describe())
             try:

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.ema import EMA
 from lit_gen.export import LoadedModel
@@ -55,13 +54,18 @@ class SampleGrid(Callback):
                 return callback.averaged(pl_module)
         return contextlib.nullcontext(pl_module.net)
 
-    @rank_zero_only
     def _sample(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lit_gen.scale.fsdp import full_network, is_sharded
+
         step = trainer.global_step
         if step == self._last_step or getattr(pl_module, "data_info", None) is None:
             return
         self._last_step = step
-        with self._averaged(trainer, pl_module) as net:
+        if not trainer.is_global_zero and not is_sharded(pl_module.net):
+            return  # rank 0 samples; under FSDP every rank gathers the weights it samples with (full_network)
+        with self._averaged(trainer, pl_module) as averaged, full_network(averaged) as net:
+            if not trainer.is_global_zero:
+                return
             was_training = net.training
             model = LoadedModel(net=net, param=pl_module.param, description=pl_module.describe())
             try:

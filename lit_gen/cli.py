@@ -56,6 +56,7 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
             trainer = config.trainer
             root = trainer.default_root_dir or DEFAULT_ROOT
             trainer.default_root_dir = root
+            _check_strategy(trainer)
             for callback in trainer.callbacks or []:
                 if (
                     str(callback.class_path).endswith(("ModelCheckpoint", "callbacks.checkpoint.Checkpoint"))
@@ -123,11 +124,26 @@ def lightning_cli(args: list[str], run: bool = True, instantiate: bool = True) -
     )
 
 
+def _check_strategy(trainer: Any) -> None:
+    """A strategy class given by ``class_path`` may check the trainer section before anything is built
+    (``check_trainer_config``, e.g. lit_gen.scale.fsdp.FSDP refuses a precision it cannot run)."""
+    path = getattr(trainer.strategy, "class_path", None) if trainer.strategy is not None else None
+    if not isinstance(path, str) or not path.startswith("lit_gen."):
+        return
+    import importlib
+
+    module_name, _, name = path.rpartition(".")
+    check = getattr(getattr(importlib.import_module(module_name), name, None), "check_trainer_config", None)
+    if check is not None:
+        check(trainer)
+
+
 def check_resume_checkpoint(trainer: Any, ckpt_path: Any) -> Path | None:
     """Refuse an unreadable ``--ckpt_path`` file with one line before Lightning loads it (whose own load would end
     in a traceback from deep inside torch's unpickler on damaged bytes); ``trainer`` None: before the trainer exists.
     ``last`` is resolved as Lightning does: the newest ``last*.ckpt`` of the checkpoint callbacks. Folders (DeepSpeed
-    checkpoints) are checked by ``lit_gen_deepspeed``. The load is memory-mapped: its tensors are not read."""
+    checkpoints) are checked by ``lit_gen_deepspeed``,
+    FSDP folders by ``lit_gen.scale.fsdp.FSDP``. The load is memory-mapped: its tensors are not read."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lit_gen.errors import load_torch_file

@@ -43,13 +43,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a Lightning ``.ckpt`` safely (``weights_only=True``) with a one-line error for every failure.
 
     A DeepSpeed checkpoint folder (what ``lit-gen fit`` writes under a DeepSpeed strategy) is read by
-    ``lit_gen.scale.checkpoints`` into the same layout, its raw weights consolidated to fp32."""
+    ``lit_gen.scale.checkpoints`` into the same layout, its raw weights consolidated to fp32; an FSDP folder
+    (``lit_gen.scale.fsdp``) likewise."""
     path = Path(path)
     if path.is_dir():
         from lit_gen.scale.checkpoints import is_deepspeed_checkpoint, read_deepspeed_checkpoint
+        from lit_gen.scale.fsdp import is_fsdp_checkpoint, read_fsdp_checkpoint
 
+        if is_fsdp_checkpoint(path):  # an FSDP (torch.distributed.checkpoint) folder, consolidated to fp32
+            return read_fsdp_checkpoint(path)
         if not is_deepspeed_checkpoint(path):
-            raise LitGenError(f"{path} is a folder but not a DeepSpeed checkpoint (no 'latest' tag / model states)")
+            raise LitGenError(
+                f"{path} is a folder but not a DeepSpeed or FSDP checkpoint (no 'latest' tag / model states / "
+                "lit_gen_complete.json)"
+            )
         return read_deepspeed_checkpoint(path)
     if not path.is_file():
         raise LitGenError(f"checkpoint {path} does not exist")

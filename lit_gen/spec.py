@@ -66,6 +66,8 @@ class Configurable:
 
 def class_path(obj_or_cls: Any) -> str:
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    # FSDP2's fully_shard swaps in a subclass made on the fly (FSDP<Name> in torch.distributed.fsdp): name the class.
+    cls = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed.fsdp")), cls)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 

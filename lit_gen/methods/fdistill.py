@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lit_gen.diffusion import EDM, VP, append_dims
 from lit_gen.diffusion.guidance import bind_guidance
@@ -625,11 +626,13 @@ class FDistill(DistillationMethod):
             if "weight" in g:
                 logs.update(self._weight_stats(g["weight"], g["r"]))
         else:
-            # Exactly-zero gradient for every generator parameter (DDP's reducer and ZeRO's buffers expect one).
+            # Exactly-zero gradient for every generator parameter (DDP's reducer and ZeRO's buffers expect one;
+            # FSDP2's sharded DTensor parameters need none and cannot mix into the loss: skipped).
             if zero3:
                 total = total + 0.0 * x0.float().sum()
             else:
-                total = total + 0.0 * sum(p.reshape(-1)[:1].sum() for p in self.net.parameters())
+                params = [p for p in self.net.parameters() if not isinstance(p, DTensor)]
+                total = total + 0.0 * sum(p.reshape(-1)[:1].sum() for p in params)
         self.log_dict(logs, batch_size=b)
         return total
 
