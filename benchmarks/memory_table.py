@@ -69,8 +69,8 @@ ENGINES: dict[str, dict[str, Any]] = {
         "stage": 3,
     },
     "fsdp": {
-        "args": ["-c", "recipes/scale/fsdp.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2"],
-        "needs": ["recipes/scale/fsdp.yaml"],
+        "args": ["-c", "recipes/scale/fsdp_cpu.yaml"],
+        "needs": ["recipes/scale/fsdp_cpu.yaml"],
         "stage": 3,
     },
 }
