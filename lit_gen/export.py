@@ -32,7 +32,7 @@ from lit_gen.data.info import to_output
 from lit_gen.diffusion import SAMPLERS, AutoGuidanceDenoiser, CFGDenoiser, sample, schedule_from_grid
 from lit_gen.diffusion.guidance import GuidanceBound
 from lit_gen.errors import LitGenError, load_torch_file
-from lit_gen.latents import split_carried_vae
+from lit_gen.latents import VAE_PREFIX, split_carried_vae
 from lit_gen.spec import build
 
 NET_PREFIX = "net."
@@ -376,6 +376,16 @@ def export(
         if description.get("guide") is not None:
             raise LitGenError(f"{ckpt} already carries a guiding model")
         guide_description, guide_tensors = read_model_file(guide, "ema")
+        # A latent guiding model works in the teacher's latents: the teacher's file carries that VAE once (a second
+        # copy under guide.vae.* would be refused on load); another VAE's latents cannot guide this teacher.
+        guide_vae = (guide_description.get("data") or {}).get("vae")
+        main_vae = (description.get("data") or {}).get("vae")
+        if (guide_vae or main_vae) and (guide_vae or {}).get("fingerprint") != (main_vae or {}).get("fingerprint"):
+            raise LitGenError(
+                f"the guiding model {guide} works in other latents than {ckpt} (their VAEs differ); a guide must "
+                "share the teacher's data space"
+            )
+        guide_tensors = {k: v for k, v in guide_tensors.items() if not k.startswith(VAE_PREFIX)}
         have_data, want_data = guide_description.get("data") or {}, description.get("data") or {}
         if list(have_data.get("shape", [])) != list(want_data.get("shape", [])):
             raise LitGenError(

@@ -236,3 +236,22 @@ def test_check_compatible_kinds_and_vaes() -> None:
         check_compatible(mine, {"kind": "image", "shape": [3, 16, 16]}, "m")
     with pytest.raises(LitGenError, match="source holds latent"):
         check_compatible(mine, latent_info({**record, "fingerprint": "0"}, [4, 8, 8], 0), "source", "holds")
+
+
+def test_latent_teacher_exports_with_a_latent_guide(latent_teacher: tuple[Path, Path], tmp_path: Path) -> None:
+    """`lit-gen export T --guide G` of two latent teachers: the file carries the VAE once and loads with its guide."""
+    from lit_gen.export import export, load_model
+
+    _, teacher = latent_teacher
+    out = export(teacher, tmp_path / "guided.safetensors", guide=teacher)
+    loaded = load_model(out)
+    assert loaded.guide is not None
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert not any(k.startswith("guide.vae.") for k in keys) and any(k.startswith("vae.") for k in keys)
+    x = torch.randn(2, *loaded.description["data"]["shape"])
+    sigma = torch.full((2,), 1.0)
+    with torch.no_grad():  # the guide is the teacher itself here: the two denoisers agree
+        torch.testing.assert_close(loaded.guide.denoiser()(x, sigma, None), loaded.denoiser()(x, sigma, None))
