@@ -108,6 +108,18 @@ def _tensors(obj: Any, depth: int = 0) -> Iterator[Any]:
         yield from _tensors([g["params"] for g in obj.param_groups], depth + 1)
 
 
+def _partitions(params: Any) -> Iterator[Any]:
+    """The local shards of ZeRO-3-partitioned parameters (DeepSpeed keeps them in ``param.ds_tensor``; the parameter
+    itself is an empty placeholder outside a gather)."""
+    src = params.parameters() if hasattr(params, "parameters") else params
+    return (p.ds_tensor for p in src if getattr(p, "ds_tensor", None) is not None)
+
+
+def _numel(p: Any) -> int:
+    """A parameter's full element count (ZeRO-3: ``ds_numel``, the placeholder's numel is 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 class Ledger:
     """Bytes per category, each storage charged once, to the first category that reaches it."""
 
@@ -117,6 +129,7 @@ class Ledger:
 
     def charge(self, tensors: Any, category: str) -> None:
         for t in tensors:
+            t = getattr(t, "_local_tensor", t)  # FSDP2's DTensor parameters: this rank's shard
             if t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
@@ -139,6 +152,7 @@ def measure_callback(out: Path) -> Any:
         def _ledger(self, trainer: Any, module: Any, grads: bool) -> Ledger:
             ledger = Ledger()
             ledger.charge(_tensors(module), "params")
+            ledger.charge(_partitions(module), "params")  # ZeRO-3: a parameter's local shard lives in ds_tensor
             for cb in trainer.callbacks:
                 if cb is not self:
                     ledger.charge(_tensors(dict(vars(cb))), "params")
@@ -167,10 +181,12 @@ def measure_callback(out: Path) -> Any:
             trainable = [p for p in pl_module.parameters() if p.requires_grad]
             ledger = Ledger()
             ledger.charge(trainable, "t")
+            ledger.charge(_partitions(trainable), "t")
             ledger.charge(pl_module.parameters(), "f")
-            counts = {"trainable_numel": sum(p.numel() for p in trainable), "trainable_bytes": ledger.total("t")}
+            ledger.charge(_partitions(pl_module.parameters()), "f")
+            counts = {"trainable_numel": sum(_numel(p) for p in trainable), "trainable_bytes": ledger.total("t")}
             counts["frozen_bytes"] = ledger.total("f")
-            counts["net_numel"] = sum(p.numel() for p in pl_module.net.parameters())  # what an EMA callback copies
+            counts["net_numel"] = sum(_numel(p) for p in pl_module.net.parameters())  # what an EMA callback copies
             out.mkdir(parents=True, exist_ok=True)
             (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({**self.peak, **counts}))
 
