@@ -293,3 +293,90 @@ def test_tract_phase_change_hands_the_w_conditioned_student_on_as_teacher(files:
     torch.testing.assert_close(hop, x_hat + (sigma_s / sigma_t)[:, None] * (x - x_hat))
     other = method.teacher_hop()(x, sigma_t, sigma_s, GuidedLabel(label, w.flip(0)))
     assert not torch.allclose(hop, other)
+
+
+# ------------------------------------------------------------------------------- stage one (Meng et al. 2023)
+class _AtStep:
+    """Stands in for the Trainer where a method only reads ``global_step`` (which optimizer step this is)."""
+
+    def __init__(self, step: int) -> None:
+        self.global_step = step
+
+
+def _stage_one_methods(teacher: Path, guidance: object, n: int) -> list[DistillationMethod]:
+    return [
+        TRACT(teacher=str(teacher), schedule=(8, 1), steps_per_phase=10, guidance=guidance, guidance_stage_one=n),
+        ConsistencyDistillation(teacher=str(teacher), num_scales=8, guidance=guidance, guidance_stage_one=n),
+    ]
+
+
+def _loss(method: DistillationMethod, y: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(11)
+    if isinstance(method, TRACT):
+        return method.distillation_loss(y, label)
+    return method.consistency_loss(y, label, 8)
+
+
+def test_stage_one_regresses_onto_the_guided_teacher_then_hands_over(files: dict[str, Path]) -> None:
+    y, label = torch.randn(32, 2) * 0.5, torch.randint(0, 3, (32,))
+    for method in _stage_one_methods(files["teacher"], [1.0, 4.0], 3):
+        teacher_param = getattr(method, "teacher_param", method.param)
+        # the loss of step 0 is the stage-one regression: σ, n, w drawn in that order, target the guided teacher
+        torch.manual_seed(11)
+        sigma = teacher_param.sample_sigma(32)
+        x = y + sigma[:, None] * torch.randn_like(y)
+        w = method.sample_guidance(32, y.device)
+        target = method.teacher_denoise(x, sigma, label, w)
+        x_hat = method.param.denoise(GuidanceBound(method.net, w), x, sigma, label)
+        expected = teacher_param.loss_weight(sigma) * (x_hat - target).pow(2).mean(dim=1)
+        torch.testing.assert_close(_loss(method, y, label), expected, rtol=1e-6, atol=0)
+        # from step N on, the method's own loss (equal to the run without stage one)
+        method._trainer = _AtStep(3)
+        plain = _stage_one_methods(files["teacher"], [1.0, 4.0], 0)[isinstance(method, ConsistencyDistillation)]
+        torch.testing.assert_close(_loss(method, y, label), _loss(plain, y, label), rtol=0, atol=0)
+
+
+def test_stage_one_is_zero_at_w_1_and_teaches_the_student_w(files: dict[str, Path]) -> None:
+    """At w = 1 the guided target is the conditional teacher, which the untrained student copies: zero loss. Over a
+    range, a few steps of stage one make the student respond to w as the teacher's guidance does."""
+    y, label = torch.randn(64, 2) * 0.5, torch.randint(0, 3, (64,))
+    for method in _stage_one_methods(files["teacher"], [1.0, 1.0], 5):
+        if isinstance(method, TRACT):  # the TRACT student is the teacher's own parameterisation: exactly the copy
+            assert float(_loss(method, y, label).detach().abs().max()) == 0.0
+    method = TRACT(
+        teacher=str(files["teacher"]), schedule=(8, 1), steps_per_phase=300, guidance=[1, 4], guidance_stage_one=200
+    )
+    opt = torch.optim.Adam(method.net.parameters(), lr=3e-3)
+    x, sigma = torch.randn(64, 2), torch.full((64,), 0.8)
+
+    @torch.no_grad()
+    def response(fn) -> float:  # RMS change of x̂ between w = 1 and w = 4
+        return float((fn(torch.full((64,), 4.0)) - fn(torch.full((64,), 1.0))).pow(2).mean().sqrt())
+
+    def student(w: torch.Tensor) -> torch.Tensor:
+        return method.param.denoise(GuidanceBound(method.net, w), x, sigma, label)
+
+    teacher = response(lambda w: method.teacher_denoise(x, sigma, label, w))
+    assert response(student) == 0.0 and teacher > 0.1
+    first = float(_loss(method, y, label).mean())
+    for step in range(150):
+        torch.manual_seed(step)
+        loss = method.stage_one_loss(y, label).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(_loss(method, y, label).mean()) < 0.3 * first
+        assert 0.7 * teacher < response(student) < 1.3 * teacher, (response(student), teacher)
+
+
+def test_stage_one_bad_input_is_one_line(files: dict[str, Path]) -> None:
+    teacher = str(files["teacher"])
+    with pytest.raises(LitGenError, match="needs guidance != 1"):
+        TRACT(teacher=teacher, schedule=(8, 1), steps_per_phase=10, guidance_stage_one=3)
+    with pytest.raises(LitGenError, match="steps >= 0"):
+        TRACT(teacher=teacher, schedule=(8, 1), steps_per_phase=10, guidance=[1, 2], guidance_stage_one=-1)
+    with pytest.raises(LitGenError, match="takes its steps from phase 0, which has 10"):
+        TRACT(teacher=teacher, schedule=(8, 1), steps_per_phase=10, guidance=[1, 2], guidance_stage_one=10)
+    with pytest.raises(LitGenError, match="consistency training has none"):
+        ConsistencyDistillation(training="ct", net=MLPDenoiser(dim=2, hidden=8, depth=1), guidance_stage_one=3)

@@ -115,6 +115,9 @@ class ConsistencyDistillation(DistillationMethod):
             per-network targets by default; ``lit_gen.nets.lora``); null = train every weight.
         teacher_zero3: under DeepSpeed ZeRO-3, ``partition`` or ``replicate`` the frozen teacher (see
             ``lit_gen.methods.distill``).
+        guidance_stage_one: CD with guidance: the first N steps regress f_θ(x; σ, w) onto the guided teacher's x̂
+            (Meng et al. 2023, stage one: the w-aware version of the student's start from the teacher), before the
+            consistency loss, whose target network would otherwise learn w only through one teacher step. 0 = none.
     """
 
     method_name = "consistency"
@@ -150,6 +153,7 @@ class ConsistencyDistillation(DistillationMethod):
         guide_teacher: str | None = None,
         lora: LoRASpec | None = None,
         teacher_zero3: str = "partition",
+        guidance_stage_one: int = 0,
     ) -> None:
         self._check_choices(training, teacher_solver, distance, sigma_sampling, weighting)
         check_teacher_zero3(teacher_zero3)
@@ -166,6 +170,7 @@ class ConsistencyDistillation(DistillationMethod):
                 warmup_steps=warmup_steps,
                 decay_steps=decay_steps,
                 teacher_zero3=teacher_zero3,
+                guidance_stage_one=guidance_stage_one,
             )
             if training == "ct":
                 self.teacher_net = None  # CT only starts from the teacher; it is not kept (nor saved)
@@ -174,7 +179,7 @@ class ConsistencyDistillation(DistillationMethod):
                 raise LitGenError("consistency distillation needs a teacher: pass --model.init_args.teacher PATH")
             if net is None:
                 raise LitGenError("consistency training without a teacher needs a network: set model.init_args.net")
-            if guidance != 1.0 or guide_teacher is not None:
+            if guidance != 1.0 or guide_teacher is not None or guidance_stage_one:
                 raise LitGenError("guidance applies to a distilled teacher; consistency training has none")
             # No teacher file to read: the plain GenerativeMethod set-up, with the teacher fields empty.
             GenerativeMethod.__init__(
@@ -191,6 +196,7 @@ class ConsistencyDistillation(DistillationMethod):
             self.teacher_net = None
             self.guidance = 1.0
             self.guidance_range = None
+            self.guidance_stage_one = 0
             self.guide_net = self.guide_param = self.guide_teacher_path = None
         # The teacher's EDM preconditioning steps the teacher; the student is the consistency function built on it.
         self.teacher_param = self.param
@@ -291,6 +297,8 @@ class ConsistencyDistillation(DistillationMethod):
         The target pass runs first, without gradient; the RNG state is restored before the online pass, so both
         networks see the same dropout masks (CM's code). Shape [B].
         """
+        if self.in_stage_one():
+            return self.stage_one_loss(y, label)
         dtype = torch.promote_types(y.dtype, torch.float32)
         y = y.to(dtype)
         grid = self.grid(n_scales).to(device=y.device, dtype=dtype)

@@ -20,6 +20,12 @@
   and the student takes w through a zero-initialised embedding (``guidance_embed`` of the nets,
   ``lit_gen.nets.embed.GuidanceEmbedding``), so it starts as the unguided teacher copy at every w. The range is
   recorded in the checkpoint (``guidance_range``); ``lit-gen sample --guidance w`` feeds w to the student.
+- ``guidance_stage_one N`` (TRACT/BTD and CD): the first N optimizer steps are Meng et al.'s stage one (Sec. 4.1,
+  eq. 6): the student regresses onto the guided teacher's x̂ at the same noisy input, w(σ)·‖x̂_θ(x_σ; σ, w) −
+  x̂^w_teacher(x_σ; σ)‖², σ from the teacher's training distribution, w per sample. A w-conditioned student has to
+  learn w before a bootstrapped target can carry it: TRACT's self-teacher, BTD's later-phase teachers and CD's
+  target network are the student itself, so without stage one the w signal enters only through the single guided
+  teacher hop of each target and the w embedding barely moves (benchmarks/RESULTS.md, issue 18).
 - ``guide_teacher PATH`` replaces the unconditional branch by a guiding model (autoguidance, Karras et al. 2024,
   "Guiding a Diffusion Model with a Bad Version of Itself", eq. 1): D_w = D_bad + w (D − D_bad), D_bad a smaller or
   shorter-trained teacher of the same data and classes. A teacher file exported with ``--guide`` carries its
@@ -51,6 +57,8 @@ from torch import Tensor, nn
 
 from lit_gen.data.info import check_compatible
 from lit_gen.diffusion import EDM, VP, guide
+from lit_gen.diffusion.guidance import bind_guidance
+from lit_gen.diffusion.tract import x_loss_weight
 from lit_gen.errors import LitGenError
 from lit_gen.export import LoadedModel, load_model
 from lit_gen.methods.base import GenerativeMethod
@@ -168,6 +176,8 @@ class DistillationMethod(GenerativeMethod):
         decay_steps: linear learning-rate decay to 0 at this step (0 = constant).
         teacher_zero3: under DeepSpeed ZeRO-3, ``partition`` the frozen teacher with the student (P_T·b/N bytes per
             rank) or ``replicate`` it on every rank in the compute dtype (P_T·b bytes, no gathers); ignored otherwise.
+        guidance_stage_one: the first N steps regress the student onto the guided teacher's x̂ (Meng et al. 2023,
+            stage one; ``stage_one_loss``); methods that support it count them in their own schedule.
     """
 
     method_name = "distill"
@@ -189,8 +199,16 @@ class DistillationMethod(GenerativeMethod):
         decay_steps: int = 0,
         guide_teacher: str | None = None,
         teacher_zero3: str = "partition",
+        guidance_stage_one: int = 0,
     ) -> None:
         fixed_guidance, guidance_range = parse_guidance(guidance)
+        if not (isinstance(guidance_stage_one, int) and guidance_stage_one >= 0):
+            raise LitGenError(f"guidance_stage_one must be a number of steps >= 0, got {guidance_stage_one!r}")
+        if guidance_stage_one and guidance_range is None and fixed_guidance == 1.0 and guide_teacher is None:
+            raise LitGenError(
+                "guidance_stage_one distils the guided teacher into the student (Meng et al. 2023, stage one); "
+                "it needs guidance != 1 or a range [w_min, w_max]"
+            )
         check_teacher_zero3(teacher_zero3)
         if student_dropout is not None and not 0.0 <= student_dropout < 1.0:
             raise LitGenError(f"student_dropout must be in [0, 1) or null, got {student_dropout}")
@@ -232,6 +250,7 @@ class DistillationMethod(GenerativeMethod):
         self.teacher_net = loaded.net.requires_grad_(False).eval()
         self.guidance = fixed_guidance
         self.guidance_range = guidance_range
+        self.guidance_stage_one = int(guidance_stage_one)
         # The guiding ("bad") model of autoguidance: named by guide_teacher, or carried by the teacher file. Kept as
         # a frozen submodule (saved under ``guide_net.``), so a checkpoint is self-contained like the teacher.
         self.guide_teacher_path = str(guide_teacher) if guide_teacher is not None else None
@@ -338,6 +357,25 @@ class DistillationMethod(GenerativeMethod):
         if lo == hi:
             return torch.full((batch_size,), lo, device=device, dtype=torch.float32)
         return lo + (hi - lo) * torch.rand(batch_size, device=device, dtype=torch.float32)
+
+    def in_stage_one(self) -> bool:
+        """Whether this optimizer step is one of the ``guidance_stage_one`` steps."""
+        return int(self.global_step) < getattr(self, "guidance_stage_one", 0)
+
+    def stage_one_loss(self, y: Tensor, label: Tensor | None) -> Tensor:
+        """Meng et al. 2023 ("On Distillation of Guided Diffusion Models"), Sec. 4.1 eq. 6, stage one: the student
+        x̂_θ(x_σ; σ, w) regresses onto the guided teacher x̂^w(x_σ; σ) = x̂_∅ + w (x̂_c − x̂_∅) (or the autoguided
+        D_bad + w (D − D_bad)) at the same input x_σ = y + σ n, σ from the teacher's training noise distribution,
+        weighted as TRACT's x-loss (EDM: λ(σ), a unit MSE on F; VP: max(SNR, 1)). Shape [B]. Draws σ, n, then w."""
+        teacher_param = getattr(self, "teacher_param", None) or self.param  # CD's student param is its own
+        dtype = torch.promote_types(y.dtype, torch.float32)
+        y = y.to(dtype)
+        sigma = teacher_param.sample_sigma(y.shape[0], device=y.device, dtype=dtype)
+        x = y + sigma.view(-1, *([1] * (y.ndim - 1))) * torch.randn_like(y)
+        w = self.sample_guidance(y.shape[0], y.device)
+        target = self.teacher_denoise(x, sigma, label, w)
+        x_hat = self.param.denoise(bind_guidance(self.net, w), x, sigma, label)
+        return x_loss_weight(teacher_param, sigma) * (x_hat - target).pow(2).reshape(y.shape[0], -1).mean(dim=1)
 
     @torch.no_grad()
     def teacher_denoise(self, x: Tensor, sigma: Tensor, label: Tensor | None = None, w: Tensor | None = None) -> Tensor:

@@ -104,6 +104,8 @@ class TRACT(DistillationMethod):
             per-network targets by default; ``lit_gen.nets.lora``); null = train every weight.
         teacher_zero3: under DeepSpeed ZeRO-3, ``partition`` or ``replicate`` the frozen teacher (see
             ``lit_gen.methods.distill``).
+        guidance_stage_one: the first N steps of phase 0 regress the student onto the guided teacher's x̂ (Meng et
+            al. 2023, stage one); then the phases go on from that w-aware student. 0 = none.
     """
 
     method_name = "tract"
@@ -134,6 +136,7 @@ class TRACT(DistillationMethod):
         guide_teacher: str | None = None,
         lora: LoRASpec | None = None,
         teacher_zero3: str = "partition",
+        guidance_stage_one: int = 0,
     ) -> None:
         super().__init__(
             teacher=teacher,
@@ -146,8 +149,14 @@ class TRACT(DistillationMethod):
             optimizer=optimizer,
             warmup_steps=warmup_steps,
             teacher_zero3=teacher_zero3,
+            guidance_stage_one=guidance_stage_one,
         )
         self.phases = PhaseSchedule.from_config(schedule, steps_per_phase)
+        if self.guidance_stage_one >= self.phases.updates[0]:
+            raise LitGenError(
+                f"guidance_stage_one ({self.guidance_stage_one}) takes its steps from phase 0, which has "
+                f"{self.phases.updates[0]}; give phase 0 more steps (steps_per_phase) or stage one fewer"
+            )
         check_target(target, self.phases)
         is_vp = getattr(self.param, "kind", "") == "vp"
         self.target = target
@@ -267,7 +276,10 @@ class TRACT(DistillationMethod):
         return (self.seed * 1_000_003 + int(self.global_step)) * 4099 + int(self.global_rank)
 
     def distillation_loss(self, y: Tensor, label: Tensor | None) -> Tensor:
-        """Per-sample w(σ_t)·mean (x̂_θ(x_t; σ_t) − x̃)² (TRACT Alg. 1 / Salimans & Ho 2022 Alg. 2). Shape [B]."""
+        """Per-sample w(σ_t)·mean (x̂_θ(x_t; σ_t) − x̃)² (TRACT Alg. 1 / Salimans & Ho 2022 Alg. 2). Shape [B].
+        During ``guidance_stage_one`` Meng et al.'s stage-one regression onto the guided teacher instead."""
+        if self.in_stage_one():
+            return self.stage_one_loss(y, label)
         phase = int(self.phase)
         i_t, i_t1, i_s = self.phases.sample_indices(phase, y.shape[0], self.target)
         dtype = torch.promote_types(y.dtype, torch.float32)
@@ -334,5 +346,6 @@ class TRACT(DistillationMethod):
             "phase": phase,
             "grid": self.grid_kind,
             "teacher_solver": self.teacher_solver,
+            "guidance_stage_one": self.guidance_stage_one,
         }
         return section

@@ -168,11 +168,15 @@ class GuidanceEmbedding(nn.Module):
     """The guidance weight w per sample (Meng et al. 2023, Sec. 4.1: "w-conditioned" student), added to a net's
     noise embedding.
 
-    Sinusoidal features of w (``PositionalEmbedding`` with the endpoint grid, frequencies 1 … 1e-4, so w in the usual
-    range 0–10 stays below one period of the fastest feature and the map is smooth in w), then ``proj`` — zero-
-    initialised, so the sum the net sees equals its noise embedding at every w until training moves ``proj``. The
-    features are the positional ones whatever the net's noise embedding: random Fourier features of scale 4–16 would
-    oscillate many times over [1, 4] and an unseen w between training draws would land on an unrelated feature.
+    Sinusoidal features of w at angular frequencies ``W_SCALE`` · 1 … ``W_SCALE`` / ``W_MAX_POSITIONS`` = 3 … 0.03
+    rad per unit of w (``PositionalEmbedding`` with the endpoint grid), then ``proj`` — zero-initialised, so the sum
+    the net sees equals its noise embedding at every w until training moves ``proj``. The grid is matched to the
+    range guidance weights take (0–10): the slowest feature is near-linear there, the fastest has a period of ~2, so
+    the map is smooth in w and *every* feature changes over a typical training range such as [1, 4]. The noise
+    embedding's grid (1 … 1e-4, made for c_noise) left three quarters of the features constant over [1, 4]; on the
+    digits teacher a student then learned w 2–3× slower at σ = 80 (benchmarks/RESULTS.md, issue 18). Random Fourier
+    features of scale 4–16 would oscillate many times over [1, 4] and an unseen w between training draws would land
+    on an unrelated feature.
     ``c_guide=None`` returns None (nothing is added).
 
     Args:
@@ -180,9 +184,12 @@ class GuidanceEmbedding(nn.Module):
         out_channels: width of the embedding it is added to.
     """
 
+    W_SCALE = 3.0
+    W_MAX_POSITIONS = 100
+
     def __init__(self, num_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.features = PositionalEmbedding(num_channels, endpoint=True)
+        self.features = PositionalEmbedding(num_channels, max_positions=self.W_MAX_POSITIONS, endpoint=True)
         self.proj = nn.Linear(num_channels, out_channels)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -192,5 +199,5 @@ class GuidanceEmbedding(nn.Module):
     ) -> Tensor | None:
         if c_guide is None:
             return None
-        feats = self.features(noise_vector(c_guide, batch_size, device))
+        feats = self.features(self.W_SCALE * noise_vector(c_guide, batch_size, device))
         return self.proj(feats.to(self.proj.weight.dtype))
