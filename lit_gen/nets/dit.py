@@ -18,9 +18,8 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
 
 from lit_gen.errors import LitGenError
+from lit_gen.nets.denoiser import OptionalConditions, check_dropout
 from lit_gen.nets.embed import (
-    AuxTimeEmbedding,
-    GuidanceEmbedding,
     LabelEmbedding,
     PositionalEmbedding,
     noise_embedding,
@@ -63,7 +62,7 @@ class DiTBlock(nn.Module):
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
-class DiT(Configurable, nn.Module):
+class DiT(OptionalConditions, Configurable, nn.Module):
     """Diffusion Transformer denoiser F(x, c_noise, label) with adaLN-Zero (Peebles & Xie 2023).
 
     Input and output are [B, C, H, W] with H = W = ``img_resolution``. Tokens are ``patch_size`` x ``patch_size``
@@ -86,8 +85,6 @@ class DiT(Configurable, nn.Module):
         guidance_embed: Take the guidance weight ``c_guide`` (a w-conditioned distilled student, Meng et al. 2023)
             through a zero-initialised embedding (``embed.GuidanceEmbedding``) added to the conditioning vector.
     """
-
-    omit_when_default = ("aux_time", "guidance_embed")
 
     def __init__(
         self,
@@ -112,8 +109,7 @@ class DiT(Configurable, nn.Module):
             raise LitGenError(
                 f"hidden_size={hidden_size} must be divisible by num_heads={num_heads} and by 4 (2-D sin-cos)"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise LitGenError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         out_channels = in_channels if out_channels is None else out_channels
         self.img_resolution = img_resolution
         self.in_channels = in_channels
@@ -135,9 +131,8 @@ class DiT(Configurable, nn.Module):
         self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.final_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self._init_weights()
-        # Built last (after the init above): a net without it draws the same initial weights as before it existed.
-        self.map_aux = AuxTimeEmbedding(embedding_type, NOISE_FREQ_CHANNELS, hidden_size) if aux_time else None
-        self.map_guide = GuidanceEmbedding(NOISE_FREQ_CHANNELS, hidden_size) if guidance_embed else None
+        # After the init above, so it does not touch them.
+        self.build_optional_conditions(aux_time, guidance_embed, embedding_type, NOISE_FREQ_CHANNELS, hidden_size)
 
     def _init_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linears, N(0, 0.02) noise MLP, zero adaLN and final layer."""
@@ -165,10 +160,7 @@ class DiT(Configurable, nn.Module):
     ) -> Tensor:
         freqs = self.map_noise(noise_vector(c_noise, x.shape[0], x.device))
         c = self.t_embedder(freqs.to(self.t_embedder[0].weight.dtype))
-        if self.map_aux is not None:
-            c = c + self.map_aux(c_aux, x.shape[0], x.device)
-        if self.map_guide is not None and c_guide is not None:
-            c = c + self.map_guide(c_guide, x.shape[0], x.device)
+        c = self.add_optional_conditions(c, c_aux, c_guide, x.shape[0], x.device)
         if self.y_embedder is not None:
             c = c + self.y_embedder(label, x.shape[0])
         return c

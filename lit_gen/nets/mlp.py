@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_gen.errors import LitGenError
-from lit_gen.nets.embed import AuxTimeEmbedding, GuidanceEmbedding, LabelEmbedding, noise_embedding, noise_vector
+from lit_gen.nets.denoiser import OptionalConditions, check_dropout
+from lit_gen.nets.embed import LabelEmbedding, noise_embedding, noise_vector
 from lit_gen.spec import Configurable
 
 
@@ -33,7 +33,7 @@ class ResidualBlock(nn.Module):
         return h + self.fc2(F.dropout(z, p=self.dropout, training=self.training))
 
 
-class MLPDenoiser(Configurable, nn.Module):
+class MLPDenoiser(OptionalConditions, Configurable, nn.Module):
     """Residual-MLP denoiser F(x, c_noise, label) for points x of shape [B, dim].
 
     The noise level ``c_noise`` ([B], O(1), e.g. ln(sigma)/4) is embedded (Fourier features by default), the class
@@ -57,8 +57,6 @@ class MLPDenoiser(Configurable, nn.Module):
             through a zero-initialised embedding (``embed.GuidanceEmbedding``); off by default.
     """
 
-    omit_when_default = ("aux_time", "guidance_embed")
-
     def __init__(
         self,
         dim: int,
@@ -73,8 +71,7 @@ class MLPDenoiser(Configurable, nn.Module):
         guidance_embed: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise LitGenError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         self.dim = dim
         self.num_classes = num_classes
         self.feature_dim = hidden
@@ -87,9 +84,7 @@ class MLPDenoiser(Configurable, nn.Module):
         self.proj_out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
-        # Built last: a net without it draws the same initial weights as before it existed.
-        self.map_aux = AuxTimeEmbedding(embedding_type, emb_dim, emb_dim, fourier_scale) if aux_time else None
-        self.map_guide = GuidanceEmbedding(emb_dim, emb_dim) if guidance_embed else None
+        self.build_optional_conditions(aux_time, guidance_embed, embedding_type, emb_dim, emb_dim, fourier_scale)
 
     def _hidden(
         self,
@@ -101,10 +96,7 @@ class MLPDenoiser(Configurable, nn.Module):
     ) -> list[Tensor]:
         """The residual stream after every block, [B, hidden] each."""
         emb = self.map_noise(noise_vector(c_noise, x.shape[0], x.device)).to(self.proj_in.weight.dtype)
-        if self.map_aux is not None:
-            emb = emb + self.map_aux(c_aux, x.shape[0], x.device)
-        if self.map_guide is not None and c_guide is not None:
-            emb = emb + self.map_guide(c_guide, x.shape[0], x.device)
+        emb = self.add_optional_conditions(emb, c_aux, c_guide, x.shape[0], x.device)
         if self.map_label is not None:
             emb = emb + self.map_label(label, x.shape[0])
         cond = self.map_cond(emb)
