@@ -59,23 +59,13 @@ from lit_gen.diffusion.guidance import bind_guidance
 from lit_gen.errors import LitGenError
 from lit_gen.methods.base import GenerativeMethod
 from lit_gen.methods.distill import DistillationMethod, check_teacher_zero3
+from lit_gen.methods.replay import rng_state, set_rng_state
 from lit_gen.nets.lora import LoRASpec, adapt_method
 from lit_gen.scale.zero3 import gathered_copy
 
 TRAINING_MODES = ("cd", "ct")
 SIGMA_SAMPLING = ("uniform", "lognormal")
 WEIGHTINGS = ("uniform", "ict")
-
-
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 class ConsistencyDistillation(DistillationMethod):
@@ -308,9 +298,9 @@ class ConsistencyDistillation(DistillationMethod):
                 x_hat = ode_step(teacher, x_next, sigma_next, sigma, label, self.teacher_solver)
             else:
                 x_hat = y + sigma.view(-1, *([1] * (y.ndim - 1))) * z
-            state = _rng_state(y.device)
+            state = rng_state(y.device)
             target = self.param.denoise(bind_guidance(self.target_net, w), x_hat, sigma, label)
-        _set_rng_state(state, y.device)
+        set_rng_state(state, y.device)
         online = self.param.denoise(bind_guidance(self.net, w), x_next, sigma_next, label)
         weight = ict_loss_weight(sigma, sigma_next) if self.weighting == "ict" else torch.ones_like(sigma)
         return weight * self.distance(online, target)
