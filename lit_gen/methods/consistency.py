@@ -166,22 +166,9 @@ class ConsistencyDistillation(DistillationMethod):
                 raise LitGenError("consistency training without a teacher needs a network: set model.init_args.net")
             if guidance != 1.0 or guide_teacher is not None:
                 raise LitGenError("guidance applies to a distilled teacher; consistency training has none")
-            # No teacher file to read: the plain GenerativeMethod set-up, with the teacher fields empty.
-            GenerativeMethod.__init__(
-                self,
-                net=net,
-                param=param if param is not None else EDM(),
-                optimizer=optimizer,
-                warmup_steps=warmup_steps,
-                decay_steps=decay_steps,
+            self.init_without_teacher(
+                net, param if param is not None else EDM(), optimizer, warmup_steps, decay_steps, teacher_zero3
             )
-            self.teacher_path = None
-            self.teacher_zero3 = teacher_zero3
-            self.teacher_description = {}
-            self.teacher_net = None
-            self.guidance = 1.0
-            self.guidance_range = None
-            self.guide_net = self.guide_param = self.guide_teacher_path = None
         # The teacher's EDM preconditioning steps the teacher; the student is the consistency function built on it.
         self.teacher_param = self.param
         self.param = ConsistencyParam.from_teacher(self.teacher_param)
@@ -232,12 +219,6 @@ class ConsistencyDistillation(DistillationMethod):
                 raise LitGenError(f"unknown {name} {value!r}; choose one of: {', '.join(table)}")
 
     # ------------------------------------------------------------------------------------------------- teacher
-    @property
-    def teacher_num_classes(self) -> int:
-        if self.teacher_net is None:
-            return 0
-        return int(self.teacher_net.init_args.get("num_classes", 0) or 0)
-
     def train(self, mode: bool = True) -> ConsistencyDistillation:
         """The frozen teacher stays in eval mode; the target network follows the online one (shared dropout)."""
         GenerativeMethod.train(self, mode)

@@ -50,7 +50,6 @@ from lit_gen.diffusion.trigflow import (
     trigflow_noise,
 )
 from lit_gen.errors import LitGenError
-from lit_gen.methods.base import GenerativeMethod
 from lit_gen.methods.distill import DistillationMethod
 from lit_gen.methods.replay import eval_mode, rng_state, set_rng_state
 from lit_gen.nets.lora import LoRASpec, adapt_method
@@ -161,18 +160,8 @@ class SCM(DistillationMethod):
                 raise LitGenError("sCT without a teacher needs a network: set model.init_args.net")
             if guidance != 1.0:
                 raise LitGenError("guidance applies to a distilled teacher; sCT has none")
-            GenerativeMethod.__init__(
-                self,
-                net=net,
-                param=EDM(),  # replaced by the TrigFlow settings below
-                optimizer=optimizer,
-                warmup_steps=warmup_steps,
-                decay_steps=decay_steps,
-            )
-            self.teacher_path = None
-            self.teacher_description = {}
-            self.teacher_net = None
-            self.guidance = 1.0
+            # EDM() is replaced by the TrigFlow settings below
+            self.init_without_teacher(net, EDM(), optimizer, warmup_steps, decay_steps)
         self.teacher_param: EDM | VP | None = self.param if teacher is not None else None
         self.param = self._trigflow(param, teacher, init_from_teacher)
         if training == "scd" and float(self.net.init_args.get("dropout", 0.0) or 0.0) > 0:
@@ -219,19 +208,6 @@ class SCM(DistillationMethod):
         return param
 
     # ------------------------------------------------------------------------------------------------- teacher
-    @property
-    def teacher_num_classes(self) -> int:
-        if self.teacher_net is None:
-            return 0
-        return int(self.teacher_net.init_args.get("num_classes", 0) or 0)
-
-    def train(self, mode: bool = True) -> SCM:
-        """The frozen teacher stays in eval mode (there is none in sCT)."""
-        GenerativeMethod.train(self, mode)
-        if self.teacher_net is not None:
-            self.teacher_net.eval()
-        return self
-
     @torch.no_grad()
     def teacher_denoise(self, x: Tensor, sigma: Tensor, label: Tensor | None = None) -> Tensor:
         """The (CFG-guided) teacher's x̂(x; σ) in EDM coordinates with its own parameterisation, without gradient."""
