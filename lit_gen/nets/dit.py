@@ -18,7 +18,7 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
 
 from lit_gen.errors import LitGenError
-from lit_gen.nets.denoiser import OptionalConditions, check_dropout
+from lit_gen.nets.denoiser import Denoiser, check_dropout
 from lit_gen.nets.embed import (
     LabelEmbedding,
     PositionalEmbedding,
@@ -62,7 +62,7 @@ class DiTBlock(nn.Module):
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
-class DiT(OptionalConditions, Configurable, nn.Module):
+class DiT(Denoiser, Configurable, nn.Module):
     """Diffusion Transformer denoiser F(x, c_noise, label) with adaLN-Zero (Peebles & Xie 2023).
 
     Input and output are [B, C, H, W] with H = W = ``img_resolution``. Tokens are ``patch_size`` x ``patch_size``
@@ -150,14 +150,10 @@ class DiT(OptionalConditions, Configurable, nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def _condition(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
+    def condition(
+        self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None, c_guide: Tensor | None
     ) -> Tensor:
+        """The adaLN conditioning vector c [B, hidden_size]: embedded noise level (+ aux, guide, label)."""
         freqs = self.map_noise(noise_vector(c_noise, x.shape[0], x.device))
         c = self.t_embedder(freqs.to(self.t_embedder[0].weight.dtype))
         c = self.add_optional_conditions(c, c_aux, c_guide, x.shape[0], x.device)
@@ -171,28 +167,13 @@ class DiT(OptionalConditions, Configurable, nn.Module):
             h = block(h, c)
         return h
 
-    def features(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
+    def features_at(self, x: Tensor, c: Tensor) -> Tensor:
         """Token features after the last block, before the final layer: [B, (img_resolution/patch_size)^2,
         feature_dim]."""
-        return self._tokens(x, self._condition(x, c_noise, label, c_aux, c_guide))
+        return self._tokens(x, c)
 
-    def feature_levels(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> list[Tensor]:
+    def feature_levels_at(self, x: Tensor, c: Tensor) -> list[Tensor]:
         """Token features after blocks ⌈depth/3⌉, ⌈2·depth/3⌉ and depth (deduplicated): [B, T, feature_dim] each."""
-        c = self._condition(x, c_noise, label, c_aux, c_guide)
         depth = len(self.blocks)
         taps = sorted({max(1, -(-depth // 3)), max(1, -(-2 * depth // 3)), depth})
         h = self.x_embedder(x) + self.pos_embed
@@ -209,17 +190,8 @@ class DiT(OptionalConditions, Configurable, nn.Module):
         x = tokens.reshape(b, g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, g * p, g * p)
 
-    def forward(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
-        """F(x, c_noise, label[, c_aux, c_guide]) with the shape of ``x`` (``label`` is ignored when
-        ``num_classes == 0``, ``c_aux`` without ``aux_time``, ``c_guide`` without ``guidance_embed``)."""
-        c = self._condition(x, c_noise, label, c_aux, c_guide)
+    def output(self, x: Tensor, c: Tensor) -> Tensor:
+        """F with the shape of ``x``: the blocks, the adaLN-modulated final layer, unpatchified."""
         h = self._tokens(x, c)
         shift, scale = self.final_adaLN_modulation(c).chunk(2, dim=1)
         return self.unpatchify(self.final_linear(modulate(self.norm_final(h), shift, scale)))

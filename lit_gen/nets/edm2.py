@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_gen.errors import LitGenError
-from lit_gen.nets.denoiser import OptionalConditions, check_dropout, check_levels
+from lit_gen.nets.denoiser import Denoiser, check_dropout, check_levels
 from lit_gen.nets.embed import noise_vector
 from lit_gen.spec import Configurable
 
@@ -212,7 +212,7 @@ class Block(nn.Module):
         return x
 
 
-class EDM2UNet(OptionalConditions, Configurable, nn.Module):
+class EDM2UNet(Denoiser, Configurable, nn.Module):
     """EDM2's U-Net and its log-variance head, F(x_in, c_noise, label) for ``diffusion.EDM(sigma_data=0.5)``.
 
     The names of the submodules are EDM2's (``enc["64x64_block0"].conv_res0`` ...; the head's ``logvar_fourier`` and
@@ -350,6 +350,12 @@ class EDM2UNet(OptionalConditions, Configurable, nn.Module):
             emb = mp_sum(emb, self.emb_label(vector * math.sqrt(self.num_classes)), t=self.label_balance)
         return mp_silu(emb)
 
+    def condition(
+        self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None, c_guide: Tensor | None
+    ) -> Tensor:
+        """``embed`` for the batch of ``x``."""
+        return self.embed(c_noise, x.shape[0], x.device, label, c_aux, c_guide)
+
     def _encode(self, x: Tensor, emb: Tensor, levels: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
@@ -367,43 +373,19 @@ class EDM2UNet(OptionalConditions, Configurable, nn.Module):
             x = block(x, emb)
         return x
 
-    def features(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
+    def features_at(self, x: Tensor, emb: Tensor) -> Tensor:
         """Bottleneck activations [B, feature_dim, R, R] (after the decoder's two ``in`` blocks)."""
-        emb = self.embed(c_noise, x.shape[0], x.device, label, c_aux, c_guide)
         return self._bottleneck(self._encode(x, emb)[0], emb)
 
-    def feature_levels(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> list[Tensor]:
+    def feature_levels_at(self, x: Tensor, emb: Tensor) -> list[Tensor]:
         """Encoder activations at every resolution, finest first (the input of each downsampling block), then the
         bottleneck (as ``UNet.feature_levels``)."""
-        emb = self.embed(c_noise, x.shape[0], x.device, label, c_aux, c_guide)
         levels: list[Tensor] = []
         h, _ = self._encode(x, emb, levels)
         return [*levels, self._bottleneck(h, emb)]
 
-    def forward(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
+    def output(self, x: Tensor, emb: Tensor) -> Tensor:
         """F(x_in, c_noise, label) with the shape of ``x`` (EDM2's ``UNet.forward``)."""
-        emb = self.embed(c_noise, x.shape[0], x.device, label, c_aux, c_guide)
         h, skips = self._encode(x, emb)
         for name, block in self.dec.items():
             if "block" in name:
