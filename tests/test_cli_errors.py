@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_runs import TouchExploit
 from tests.conftest import REPO, run_cli
 
 
@@ -80,20 +80,12 @@ def test_unreadable_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert "bad.safetensors" in err
 
 
-class _Exploit:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_that_runs_code_is_refused_and_nothing_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     import torch
 
-    torch.save({"state_dict": {}, "lit_gen": {}, "payload": _Exploit(str(marker))}, evil)
+    torch.save({"state_dict": {}, "lit_gen": {}, "payload": TouchExploit(str(marker))}, evil)
     err = _error_line(capsys, "sample", "--ckpt", evil, "--out", tmp_path / "x.png")
     assert "refusing" in err or "cannot read" in err
     assert not marker.exists()
@@ -108,7 +100,7 @@ def test_resuming_from_a_pickle_that_runs_code_is_refused(tmp_path: Path) -> Non
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Exploit(str(marker))}}, evil)
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": TouchExploit(str(marker))}}, evil)
     line = _run_entry_point("fit", "-c", REPO / "recipes/toy2d/teacher.yaml", "--ckpt_path", evil)
     assert "refusing" in line
     assert not marker.exists()

@@ -380,3 +380,12 @@ def test_stage_one_bad_input_is_one_line(files: dict[str, Path]) -> None:
         TRACT(teacher=teacher, schedule=(8, 1), steps_per_phase=10, guidance=[1, 2], guidance_stage_one=10)
     with pytest.raises(LitGenError, match="consistency training has none"):
         ConsistencyDistillation(training="ct", net=MLPDenoiser(dim=2, hidden=8, depth=1), guidance_stage_one=3)
+
+
+def test_frozen_teacher_and_guide_stay_in_eval_mode_in_every_method(files: dict[str, Path]) -> None:
+    """Lightning calls ``.train()`` at fit start: a guiding model with dropout would otherwise add noise to every
+    autoguided target (CD's own ``train`` used to re-eval only the teacher)."""
+    for method in _methods(files["teacher"], [1.0, 3.0], guide_teacher=str(files["bad"])):
+        method.train()
+        assert method.net.training and not method.teacher_net.training, type(method).__name__
+        assert not method.guide_net.training, type(method).__name__

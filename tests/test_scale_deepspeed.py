@@ -20,6 +20,8 @@ import torch
 from lit_gen.errors import LitGenError
 from lit_gen.export import export, load_model, read_checkpoint, read_model_file
 from lit_gen.methods.distill import DistillationMethod
+from tests.cli_runs import TouchExploit, run_lit_gen
+from tests.cli_runs import toy_teacher_fit as toy_fit
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -27,21 +29,7 @@ DS_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=2", "-c", str(REPO / "
 
 
 def lit_gen(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lit_gen.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def toy_fit(shards: Path, root: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        "fit", "-c", str(REPO / "recipes/toy2d/teacher.yaml"), f"--data.init_args.shards={shards}",
-        f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}", "--trainer.enable_progress_bar=false",
-        "--data.init_args.batch_size=256", *extra,
-    ]  # fmt: skip
+    return run_lit_gen(*args, env={"DS_ACCELERATOR": "cpu", **(env or {})}, timeout=timeout)
 
 
 def test_deepspeed_cpu_fit_resume_export_teacher(toy_shards: Path, tmp_path: Path) -> None:
@@ -76,7 +64,7 @@ def test_deepspeed_cpu_fit_resume_export_teacher(toy_shards: Path, tmp_path: Pat
     states = next((last / "checkpoint").glob("*model_states.pt")).relative_to(last)
     for name, payload, expected in (
         ("damaged", bytes(range(256)) * 8, "cannot read DeepSpeed checkpoint file"),
-        ("hostile", pickle.dumps(_Exploit(tmp_path / "pwned")), "refusing to load DeepSpeed checkpoint file"),
+        ("hostile", pickle.dumps(TouchExploit(tmp_path / "pwned")), "refusing to load DeepSpeed checkpoint file"),
     ):
         copy = tmp_path / name / "last.ckpt"
         shutil.copytree(last, copy)
@@ -86,14 +74,6 @@ def test_deepspeed_cpu_fit_resume_export_teacher(toy_shards: Path, tmp_path: Pat
         message = str(info.value)
         assert expected in message and str(copy / states) in message and "\n" not in message, message
     assert not (tmp_path / "pwned").exists()
-
-
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
 
 
 def free_port() -> int:

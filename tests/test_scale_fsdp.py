@@ -32,6 +32,8 @@ from lit_gen.scale.fsdp import (
     sharding_plan,
     state_bytes_per_rank,
 )
+from tests.cli_runs import TouchExploit, run_lit_gen
+from tests.cli_runs import toy_teacher_fit as teacher_fit
 from tests.conftest import REPO
 
 FSDP_CPU = ["-c", str(REPO / "recipes/scale/fsdp_cpu.yaml")]
@@ -39,21 +41,7 @@ DDP_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strate
 
 
 def lit_gen(*args: str, expect: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lit_gen.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-    assert proc.returncode == expect, proc.stderr[-3000:]
-    return proc
-
-
-def teacher_fit(shards: Path, root: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        "fit", "-c", str(REPO / "recipes/toy2d/teacher.yaml"), f"--data.init_args.shards={shards}",
-        f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}", "--trainer.enable_progress_bar=false",
-        "--data.init_args.batch_size=256", *extra,
-    ]  # fmt: skip
+    return run_lit_gen(*args, expect=expect, timeout=timeout)
 
 
 def fdistill_fit(shards: Path, teacher: Path, root: Path, steps: int, *extra: str) -> list[str]:
@@ -309,9 +297,10 @@ def test_fsdp_refusals_are_one_line(fsdp_teacher: Path, toy_shards: Path, tmp_pa
     assert "not a complete FSDP checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
     # Hostile or damaged files: one line naming the file, nothing executed.
+    hostile = pickle.dumps(TouchExploit(tmp_path / "pwned"))
     for name, target, payload, expected in (
-        ("hostile_meta", "meta.pt", pickle.dumps(_Exploit(tmp_path / "pwned")), "refusing to load FSDP checkpoint"),
-        ("hostile_index", ".metadata", pickle.dumps(_Exploit(tmp_path / "pwned")), "refusing to load FSDP checkpoint"),
+        ("hostile_meta", "meta.pt", hostile, "refusing to load FSDP checkpoint"),
+        ("hostile_index", ".metadata", hostile, "refusing to load FSDP checkpoint"),
         ("damaged_meta", "meta.pt", bytes(range(256)) * 8, "cannot read FSDP checkpoint file"),
         ("damaged_shard", "__1_0.distcp", b"\0" * 64, "cannot read FSDP checkpoint"),
     ):
@@ -323,11 +312,3 @@ def test_fsdp_refusals_are_one_line(fsdp_teacher: Path, toy_shards: Path, tmp_pa
         message = str(info.value)
         assert expected in message and "\n" not in message, message
     assert not (tmp_path / "pwned").exists()
-
-
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))

@@ -57,25 +57,14 @@ from lit_gen.diffusion.consistency import (
 )
 from lit_gen.diffusion.guidance import bind_guidance
 from lit_gen.errors import LitGenError
-from lit_gen.methods.base import GenerativeMethod
 from lit_gen.methods.distill import DistillationMethod, check_teacher_zero3
+from lit_gen.methods.replay import rng_state, set_rng_state
 from lit_gen.nets.lora import LoRASpec, adapt_method
 from lit_gen.scale.zero3 import gathered_copy
 
 TRAINING_MODES = ("cd", "ct")
 SIGMA_SAMPLING = ("uniform", "lognormal")
 WEIGHTINGS = ("uniform", "ict")
-
-
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 class ConsistencyDistillation(DistillationMethod):
@@ -181,23 +170,9 @@ class ConsistencyDistillation(DistillationMethod):
                 raise LitGenError("consistency training without a teacher needs a network: set model.init_args.net")
             if guidance != 1.0 or guide_teacher is not None or guidance_stage_one:
                 raise LitGenError("guidance applies to a distilled teacher; consistency training has none")
-            # No teacher file to read: the plain GenerativeMethod set-up, with the teacher fields empty.
-            GenerativeMethod.__init__(
-                self,
-                net=net,
-                param=param if param is not None else EDM(),
-                optimizer=optimizer,
-                warmup_steps=warmup_steps,
-                decay_steps=decay_steps,
+            self.init_without_teacher(
+                net, param if param is not None else EDM(), optimizer, warmup_steps, decay_steps, teacher_zero3
             )
-            self.teacher_path = None
-            self.teacher_zero3 = teacher_zero3
-            self.teacher_description = {}
-            self.teacher_net = None
-            self.guidance = 1.0
-            self.guidance_range = None
-            self.guidance_stage_one = 0
-            self.guide_net = self.guide_param = self.guide_teacher_path = None
         # The teacher's EDM preconditioning steps the teacher; the student is the consistency function built on it.
         self.teacher_param = self.param
         self.param = ConsistencyParam.from_teacher(self.teacher_param)
@@ -248,19 +223,6 @@ class ConsistencyDistillation(DistillationMethod):
                 raise LitGenError(f"unknown {name} {value!r}; choose one of: {', '.join(table)}")
 
     # ------------------------------------------------------------------------------------------------- teacher
-    @property
-    def teacher_num_classes(self) -> int:
-        if self.teacher_net is None:
-            return 0
-        return int(self.teacher_net.init_args.get("num_classes", 0) or 0)
-
-    def train(self, mode: bool = True) -> ConsistencyDistillation:
-        """The frozen teacher stays in eval mode; the target network follows the online one (shared dropout)."""
-        GenerativeMethod.train(self, mode)
-        if self.teacher_net is not None:
-            self.teacher_net.eval()
-        return self
-
     @torch.no_grad()
     def teacher_denoise(self, x: Tensor, sigma: Tensor, label: Tensor | None = None, w: Tensor | None = None) -> Tensor:
         """The guided teacher's EDM x̂(x; σ) (``DistillationMethod.teacher_denoise`` with the teacher's own EDM
@@ -316,9 +278,9 @@ class ConsistencyDistillation(DistillationMethod):
                 x_hat = ode_step(teacher, x_next, sigma_next, sigma, label, self.teacher_solver)
             else:
                 x_hat = y + sigma.view(-1, *([1] * (y.ndim - 1))) * z
-            state = _rng_state(y.device)
+            state = rng_state(y.device)
             target = self.param.denoise(bind_guidance(self.target_net, w), x_hat, sigma, label)
-        _set_rng_state(state, y.device)
+        set_rng_state(state, y.device)
         online = self.param.denoise(bind_guidance(self.net, w), x_next, sigma_next, label)
         weight = ict_loss_weight(sigma, sigma_next) if self.weighting == "ict" else torch.ones_like(sigma)
         return weight * self.distance(online, target)

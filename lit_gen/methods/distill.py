@@ -279,9 +279,35 @@ class DistillationMethod(GenerativeMethod):
         check_guide(guide_model, loaded, str(path), teacher)
         return guide_model
 
+    def init_without_teacher(
+        self,
+        net: nn.Module,
+        param: EDM | VP,
+        optimizer: OptimizerCallable,
+        warmup_steps: int,
+        decay_steps: int,
+        teacher_zero3: str = "partition",
+    ) -> None:
+        """The set-up of a subclass trained without a teacher file (consistency training, sCT) in place of
+        ``__init__``: the plain ``GenerativeMethod`` one, with the teacher fields empty."""
+        GenerativeMethod.__init__(
+            self, net=net, param=param, optimizer=optimizer, warmup_steps=warmup_steps, decay_steps=decay_steps
+        )
+        self.teacher_path = None
+        self.teacher_zero3 = teacher_zero3
+        self.teacher_description = {}
+        self.teacher_net = None
+        self.guidance = 1.0
+        self.guidance_range = None
+        self.guidance_stage_one = 0
+        self.guide_net = self.guide_param = self.guide_teacher_path = None
+
     # ------------------------------------------------------------------------------------------------ the teacher
     @property
     def teacher_num_classes(self) -> int:
+        """The teacher's class count (0 without a teacher: consistency training, sCT)."""
+        if self.teacher_net is None:
+            return 0
         return int(self.teacher_net.init_args.get("num_classes", 0) or 0)
 
     # ------------------------------------------------------------------------------------- ZeRO-3: frozen copies

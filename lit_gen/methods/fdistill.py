@@ -88,6 +88,7 @@ from lit_gen.methods.divergences import (
     normalized_weights,
     ratio_bin_means,
 )
+from lit_gen.methods.replay import eval_mode
 from lit_gen.nets.discriminator import MultiLevelDiscriminator
 from lit_gen.nets.lora import LoRASpec, adapt_method
 from lit_gen.scale.zero3 import gathered_copy, partitioned, skip_param_groups
@@ -177,17 +178,6 @@ def frozen_weights(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p in trainable:
             p.requires_grad_(True)
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Run ``module`` deterministically (eval mode: no dropout) inside the block, then restore its mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 def feature_levels(net: nn.Module, x_in: Tensor, c_noise: Tensor, label: Tensor | None) -> list[Tensor]:

@@ -22,8 +22,6 @@ seeded by (``seed``, k, rank).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,27 +39,7 @@ from lit_gen.diffusion.meanflow import (
 )
 from lit_gen.errors import LitGenError
 from lit_gen.methods.base import GenerativeMethod
-
-
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
+from lit_gen.methods.replay import eval_mode, rng_state, set_rng_state
 
 
 class MeanFlowTraining(GenerativeMethod):
@@ -157,7 +135,7 @@ class MeanFlowTraining(GenerativeMethod):
         train_label = torch.where(dropped, null, label)
         if self.cfg_scale == 1.0:
             return v, train_label
-        with torch.no_grad(), _eval_mode(self.net):
+        with torch.no_grad(), eval_mode(self.net):
             u_uncond = self.param.u(self.net, z, t, t, null).to(v.dtype)
         guided = self.cfg_scale * v + (1 - self.cfg_scale) * u_uncond
         return torch.where(append_dims(dropped, v.ndim), v, guided), train_label
@@ -172,17 +150,17 @@ class MeanFlowTraining(GenerativeMethod):
         eps = torch.randn_like(x)
         z = flow_noise(x, eps, t)
         v, train_label = self.guided_velocity(z, t, eps - x, label)
-        state = _rng_state(x.device)
+        state = rng_state(x.device)
         fn = self.param.bind(self.net, train_label)
 
         def shared(zz: Tensor, rr: Tensor, tt: Tensor) -> Tensor:
-            _set_rng_state(state, x.device)  # every evaluation draws the online pass's dropout masks
+            set_rng_state(state, x.device)  # every evaluation draws the online pass's dropout masks
             return fn(zz, rr, tt)
 
         with torch.no_grad():
             _, du_dt = average_velocity_tangent(shared, z, r, t, v, self.jvp_mode, self.jvp_eps)
             u_tgt = meanflow_target(v, du_dt.to(dtype), r, t)
-        _set_rng_state(state, x.device)
+        set_rng_state(state, x.device)
         u = self.param.u(self.net, z, r, t, train_label).to(dtype)
         return meanflow_loss(u, u_tgt, self.adaptive_power, self.adaptive_const)
 

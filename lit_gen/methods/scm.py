@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,35 +50,13 @@ from lit_gen.diffusion.trigflow import (
     trigflow_noise,
 )
 from lit_gen.errors import LitGenError
-from lit_gen.methods.base import GenerativeMethod
 from lit_gen.methods.distill import DistillationMethod
+from lit_gen.methods.replay import eval_mode, rng_state, set_rng_state
 from lit_gen.nets.lora import LoRASpec, adapt_method
 from lit_gen.nets.weighting import AdaptiveWeight
 from lit_gen.spec import build, describe
 
 TRAINING_MODES = ("scd", "sct")
-
-
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` in eval mode inside the block, its previous mode restored after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def without_dropout(net: nn.Module) -> nn.Module:
@@ -183,18 +160,8 @@ class SCM(DistillationMethod):
                 raise LitGenError("sCT without a teacher needs a network: set model.init_args.net")
             if guidance != 1.0:
                 raise LitGenError("guidance applies to a distilled teacher; sCT has none")
-            GenerativeMethod.__init__(
-                self,
-                net=net,
-                param=EDM(),  # replaced by the TrigFlow settings below
-                optimizer=optimizer,
-                warmup_steps=warmup_steps,
-                decay_steps=decay_steps,
-            )
-            self.teacher_path = None
-            self.teacher_description = {}
-            self.teacher_net = None
-            self.guidance = 1.0
+            # EDM() is replaced by the TrigFlow settings below
+            self.init_without_teacher(net, EDM(), optimizer, warmup_steps, decay_steps)
         self.teacher_param: EDM | VP | None = self.param if teacher is not None else None
         self.param = self._trigflow(param, teacher, init_from_teacher)
         if training == "scd" and float(self.net.init_args.get("dropout", 0.0) or 0.0) > 0:
@@ -241,19 +208,6 @@ class SCM(DistillationMethod):
         return param
 
     # ------------------------------------------------------------------------------------------------- teacher
-    @property
-    def teacher_num_classes(self) -> int:
-        if self.teacher_net is None:
-            return 0
-        return int(self.teacher_net.init_args.get("num_classes", 0) or 0)
-
-    def train(self, mode: bool = True) -> SCM:
-        """The frozen teacher stays in eval mode (there is none in sCT)."""
-        GenerativeMethod.train(self, mode)
-        if self.teacher_net is not None:
-            self.teacher_net.eval()
-        return self
-
     @torch.no_grad()
     def teacher_denoise(self, x: Tensor, sigma: Tensor, label: Tensor | None = None) -> Tensor:
         """The (CFG-guided) teacher's x̂(x; σ) in EDM coordinates with its own parameterisation, without gradient."""
@@ -296,18 +250,18 @@ class SCM(DistillationMethod):
         online pass after it, draws the same dropout masks."""
         sigma_d = self.param.sigma_data
         cs = torch.cos(t) * torch.sin(t)
-        state = _rng_state(x_t.device)
+        state = rng_state(x_t.device)
         trig = self.param.bind(self.net, label)
 
         def fn(x_in: Tensor, tt: Tensor) -> Tensor:
-            _set_rng_state(state, x_t.device)
+            set_rng_state(state, x_t.device)
             return trig(x_in, tt)
 
         mode = eval_mode(self.net) if self.training_mode == "scd" else contextlib.nullcontext()
         with torch.no_grad(), mode:
             dx_in = cs.view(-1, *([1] * (x_t.ndim - 1))) * dxt_dt / sigma_d
             F_minus, dF = jvp_time_derivative(fn, x_t / sigma_d, t, dx_in, cs, self.jvp_mode, self.jvp_eps)
-        _set_rng_state(state, x_t.device)
+        set_rng_state(state, x_t.device)
         return F_minus.detach(), dF.detach()
 
     def scm_loss(self, y: Tensor, label: Tensor | None) -> Tensor:

@@ -18,9 +18,8 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
 
 from lit_gen.errors import LitGenError
+from lit_gen.nets.denoiser import Denoiser, check_dropout
 from lit_gen.nets.embed import (
-    AuxTimeEmbedding,
-    GuidanceEmbedding,
     LabelEmbedding,
     PositionalEmbedding,
     noise_embedding,
@@ -63,7 +62,7 @@ class DiTBlock(nn.Module):
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
-class DiT(Configurable, nn.Module):
+class DiT(Denoiser, Configurable, nn.Module):
     """Diffusion Transformer denoiser F(x, c_noise, label) with adaLN-Zero (Peebles & Xie 2023).
 
     Input and output are [B, C, H, W] with H = W = ``img_resolution``. Tokens are ``patch_size`` x ``patch_size``
@@ -86,8 +85,6 @@ class DiT(Configurable, nn.Module):
         guidance_embed: Take the guidance weight ``c_guide`` (a w-conditioned distilled student, Meng et al. 2023)
             through a zero-initialised embedding (``embed.GuidanceEmbedding``) added to the conditioning vector.
     """
-
-    omit_when_default = ("aux_time", "guidance_embed")
 
     def __init__(
         self,
@@ -112,8 +109,7 @@ class DiT(Configurable, nn.Module):
             raise LitGenError(
                 f"hidden_size={hidden_size} must be divisible by num_heads={num_heads} and by 4 (2-D sin-cos)"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise LitGenError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         out_channels = in_channels if out_channels is None else out_channels
         self.img_resolution = img_resolution
         self.in_channels = in_channels
@@ -135,9 +131,8 @@ class DiT(Configurable, nn.Module):
         self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.final_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self._init_weights()
-        # Built last (after the init above): a net without it draws the same initial weights as before it existed.
-        self.map_aux = AuxTimeEmbedding(embedding_type, NOISE_FREQ_CHANNELS, hidden_size) if aux_time else None
-        self.map_guide = GuidanceEmbedding(NOISE_FREQ_CHANNELS, hidden_size) if guidance_embed else None
+        # After the init above, so it does not touch them.
+        self.build_optional_conditions(aux_time, guidance_embed, embedding_type, NOISE_FREQ_CHANNELS, hidden_size)
 
     def _init_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linears, N(0, 0.02) noise MLP, zero adaLN and final layer."""
@@ -155,20 +150,13 @@ class DiT(Configurable, nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def _condition(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
+    def condition(
+        self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None, c_guide: Tensor | None
     ) -> Tensor:
+        """The adaLN conditioning vector c [B, hidden_size]: embedded noise level (+ aux, guide, label)."""
         freqs = self.map_noise(noise_vector(c_noise, x.shape[0], x.device))
         c = self.t_embedder(freqs.to(self.t_embedder[0].weight.dtype))
-        if self.map_aux is not None:
-            c = c + self.map_aux(c_aux, x.shape[0], x.device)
-        if self.map_guide is not None and c_guide is not None:
-            c = c + self.map_guide(c_guide, x.shape[0], x.device)
+        c = self.add_optional_conditions(c, c_aux, c_guide, x.shape[0], x.device)
         if self.y_embedder is not None:
             c = c + self.y_embedder(label, x.shape[0])
         return c
@@ -179,28 +167,13 @@ class DiT(Configurable, nn.Module):
             h = block(h, c)
         return h
 
-    def features(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
+    def features_at(self, x: Tensor, c: Tensor) -> Tensor:
         """Token features after the last block, before the final layer: [B, (img_resolution/patch_size)^2,
         feature_dim]."""
-        return self._tokens(x, self._condition(x, c_noise, label, c_aux, c_guide))
+        return self._tokens(x, c)
 
-    def feature_levels(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> list[Tensor]:
+    def feature_levels_at(self, x: Tensor, c: Tensor) -> list[Tensor]:
         """Token features after blocks ⌈depth/3⌉, ⌈2·depth/3⌉ and depth (deduplicated): [B, T, feature_dim] each."""
-        c = self._condition(x, c_noise, label, c_aux, c_guide)
         depth = len(self.blocks)
         taps = sorted({max(1, -(-depth // 3)), max(1, -(-2 * depth // 3)), depth})
         h = self.x_embedder(x) + self.pos_embed
@@ -217,17 +190,8 @@ class DiT(Configurable, nn.Module):
         x = tokens.reshape(b, g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, g * p, g * p)
 
-    def forward(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
-        """F(x, c_noise, label[, c_aux, c_guide]) with the shape of ``x`` (``label`` is ignored when
-        ``num_classes == 0``, ``c_aux`` without ``aux_time``, ``c_guide`` without ``guidance_embed``)."""
-        c = self._condition(x, c_noise, label, c_aux, c_guide)
+    def output(self, x: Tensor, c: Tensor) -> Tensor:
+        """F with the shape of ``x``: the blocks, the adaLN-modulated final layer, unpatchified."""
         h = self._tokens(x, c)
         shift, scale = self.final_adaLN_modulation(c).chunk(2, dim=1)
         return self.unpatchify(self.final_linear(modulate(self.norm_final(h), shift, scale)))

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_gen.errors import LitGenError
-from lit_gen.nets.embed import AuxTimeEmbedding, GuidanceEmbedding, noise_vector
+from lit_gen.nets.denoiser import Denoiser, check_dropout, check_levels
+from lit_gen.nets.embed import noise_vector
 from lit_gen.spec import Configurable
 
 NORM_EPS = 1e-4
@@ -211,7 +212,7 @@ class Block(nn.Module):
         return x
 
 
-class EDM2UNet(Configurable, nn.Module):
+class EDM2UNet(Denoiser, Configurable, nn.Module):
     """EDM2's U-Net and its log-variance head, F(x_in, c_noise, label) for ``diffusion.EDM(sigma_data=0.5)``.
 
     The names of the submodules are EDM2's (``enc["64x64_block0"].conv_res0`` ...; the head's ``logvar_fourier`` and
@@ -240,8 +241,6 @@ class EDM2UNet(Configurable, nn.Module):
         guidance_embed: The guidance weight as an input through a zero-initialised embedding (Meng et al. 2023).
     """
 
-    omit_when_default = ("aux_time", "guidance_embed")
-
     def __init__(
         self,
         img_resolution: int,
@@ -266,14 +265,9 @@ class EDM2UNet(Configurable, nn.Module):
         guidance_embed: bool = False,
     ) -> None:
         super().__init__()
+        check_levels(img_resolution, channel_mult)
+        check_dropout(dropout)
         levels = len(channel_mult)
-        if levels == 0 or img_resolution % (2 ** (levels - 1)):
-            raise LitGenError(
-                f"img_resolution={img_resolution} must be divisible by 2^(len(channel_mult) - 1) "
-                f"(channel_mult={tuple(channel_mult)} needs at least one level)"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise LitGenError(f"dropout must be in [0, 1), got {dropout}")
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = in_channels
@@ -325,9 +319,7 @@ class EDM2UNet(Configurable, nn.Module):
         self.out_conv = MPConv(cout, in_channels, [3, 3])
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, [])
-        # Built last: a net without them draws the same initial weights as before they existed.
-        self.map_aux = AuxTimeEmbedding("positional", cnoise, cemb) if aux_time else None
-        self.map_guide = GuidanceEmbedding(cnoise, cemb) if guidance_embed else None
+        self.build_optional_conditions(aux_time, guidance_embed, "positional", cnoise, cemb)
 
     def class_vector(self, label: Tensor | None, batch_size: int, device: torch.device) -> Tensor:
         """EDM2's class input: one-hot rows [B, L] for indices < L, zeros for the NULL index L and for None; a float
@@ -352,14 +344,17 @@ class EDM2UNet(Configurable, nn.Module):
     ) -> Tensor:
         """The conditioning vector: mp_silu(mp_sum(emb_noise(MPFourier(c_noise)), emb_label(onehot · √L)))."""
         emb = self.emb_noise(self.emb_fourier(noise_vector(c_noise, batch_size, device)))
-        if self.map_aux is not None:
-            emb = emb + self.map_aux(c_aux, batch_size, device).to(emb.dtype)
-        if self.map_guide is not None and c_guide is not None:
-            emb = emb + self.map_guide(c_guide, batch_size, device).to(emb.dtype)
+        emb = self.add_optional_conditions(emb, c_aux, c_guide, batch_size, device)
         if self.emb_label is not None:
             vector = self.class_vector(label, batch_size, device).to(emb.dtype)
             emb = mp_sum(emb, self.emb_label(vector * math.sqrt(self.num_classes)), t=self.label_balance)
         return mp_silu(emb)
+
+    def condition(
+        self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None, c_guide: Tensor | None
+    ) -> Tensor:
+        """``embed`` for the batch of ``x``."""
+        return self.embed(c_noise, x.shape[0], x.device, label, c_aux, c_guide)
 
     def _encode(self, x: Tensor, emb: Tensor, levels: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
@@ -378,43 +373,19 @@ class EDM2UNet(Configurable, nn.Module):
             x = block(x, emb)
         return x
 
-    def features(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
+    def features_at(self, x: Tensor, emb: Tensor) -> Tensor:
         """Bottleneck activations [B, feature_dim, R, R] (after the decoder's two ``in`` blocks)."""
-        emb = self.embed(c_noise, x.shape[0], x.device, label, c_aux, c_guide)
         return self._bottleneck(self._encode(x, emb)[0], emb)
 
-    def feature_levels(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> list[Tensor]:
+    def feature_levels_at(self, x: Tensor, emb: Tensor) -> list[Tensor]:
         """Encoder activations at every resolution, finest first (the input of each downsampling block), then the
         bottleneck (as ``UNet.feature_levels``)."""
-        emb = self.embed(c_noise, x.shape[0], x.device, label, c_aux, c_guide)
         levels: list[Tensor] = []
         h, _ = self._encode(x, emb, levels)
         return [*levels, self._bottleneck(h, emb)]
 
-    def forward(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
+    def output(self, x: Tensor, emb: Tensor) -> Tensor:
         """F(x_in, c_noise, label) with the shape of ``x`` (EDM2's ``UNet.forward``)."""
-        emb = self.embed(c_noise, x.shape[0], x.device, label, c_aux, c_guide)
         h, skips = self._encode(x, emb)
         for name, block in self.dec.items():
             if "block" in name:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_gen.errors import LitGenError
-from lit_gen.nets.embed import AuxTimeEmbedding, GuidanceEmbedding, LabelEmbedding, noise_embedding, noise_vector
+from lit_gen.nets.denoiser import Denoiser, check_dropout
+from lit_gen.nets.embed import LabelEmbedding, noise_embedding, noise_vector
 from lit_gen.spec import Configurable
 
 
@@ -33,7 +33,7 @@ class ResidualBlock(nn.Module):
         return h + self.fc2(F.dropout(z, p=self.dropout, training=self.training))
 
 
-class MLPDenoiser(Configurable, nn.Module):
+class MLPDenoiser(Denoiser, Configurable, nn.Module):
     """Residual-MLP denoiser F(x, c_noise, label) for points x of shape [B, dim].
 
     The noise level ``c_noise`` ([B], O(1), e.g. ln(sigma)/4) is embedded (Fourier features by default), the class
@@ -57,8 +57,6 @@ class MLPDenoiser(Configurable, nn.Module):
             through a zero-initialised embedding (``embed.GuidanceEmbedding``); off by default.
     """
 
-    omit_when_default = ("aux_time", "guidance_embed")
-
     def __init__(
         self,
         dim: int,
@@ -73,8 +71,7 @@ class MLPDenoiser(Configurable, nn.Module):
         guidance_embed: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise LitGenError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         self.dim = dim
         self.num_classes = num_classes
         self.feature_dim = hidden
@@ -87,27 +84,20 @@ class MLPDenoiser(Configurable, nn.Module):
         self.proj_out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
-        # Built last: a net without it draws the same initial weights as before it existed.
-        self.map_aux = AuxTimeEmbedding(embedding_type, emb_dim, emb_dim, fourier_scale) if aux_time else None
-        self.map_guide = GuidanceEmbedding(emb_dim, emb_dim) if guidance_embed else None
+        self.build_optional_conditions(aux_time, guidance_embed, embedding_type, emb_dim, emb_dim, fourier_scale)
 
-    def _hidden(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> list[Tensor]:
-        """The residual stream after every block, [B, hidden] each."""
+    def condition(
+        self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None, c_guide: Tensor | None
+    ) -> Tensor:
+        """The condition vector [B, emb_dim]: the MLP of the noise embedding (+ aux, guide, label)."""
         emb = self.map_noise(noise_vector(c_noise, x.shape[0], x.device)).to(self.proj_in.weight.dtype)
-        if self.map_aux is not None:
-            emb = emb + self.map_aux(c_aux, x.shape[0], x.device)
-        if self.map_guide is not None and c_guide is not None:
-            emb = emb + self.map_guide(c_guide, x.shape[0], x.device)
+        emb = self.add_optional_conditions(emb, c_aux, c_guide, x.shape[0], x.device)
         if self.map_label is not None:
             emb = emb + self.map_label(label, x.shape[0])
-        cond = self.map_cond(emb)
+        return self.map_cond(emb)
+
+    def _hidden(self, x: Tensor, cond: Tensor) -> list[Tensor]:
+        """The residual stream after every block, [B, hidden] each."""
         h = self.proj_in(x)
         out = []
         for block in self.blocks:
@@ -115,38 +105,16 @@ class MLPDenoiser(Configurable, nn.Module):
             out.append(h)
         return out if out else [h]
 
-    def features(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
+    def features_at(self, x: Tensor, cond: Tensor) -> Tensor:
         """The last hidden layer, ``silu(norm(h))`` before the output projection: [B, feature_dim]."""
-        return F.silu(self.norm_out(self._hidden(x, c_noise, label, c_aux, c_guide)[-1]))
+        return F.silu(self.norm_out(self._hidden(x, cond)[-1]))
 
-    def feature_levels(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> list[Tensor]:
+    def feature_levels_at(self, x: Tensor, cond: Tensor) -> list[Tensor]:
         """The residual stream after every block but the last, then ``features``: [B, feature_dim] each (the
         multi-level discriminator reads all of them)."""
-        hidden = self._hidden(x, c_noise, label, c_aux, c_guide)
+        hidden = self._hidden(x, cond)
         return [*hidden[:-1], F.silu(self.norm_out(hidden[-1]))]
 
-    def forward(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
-        """F(x, c_noise, label[, c_aux, c_guide]) with the shape of ``x`` (``label`` is ignored when
-        ``num_classes == 0``, ``c_aux`` without ``aux_time``, ``c_guide`` without ``guidance_embed``)."""
-        return self.proj_out(self.features(x, c_noise, label, c_aux, c_guide))
+    def output(self, x: Tensor, cond: Tensor) -> Tensor:
+        """F with the shape of ``x``: the output projection of ``features``."""
+        return self.proj_out(self.features_at(x, cond))

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_gen.errors import LitGenError
-from lit_gen.nets.embed import AuxTimeEmbedding, GuidanceEmbedding, LabelEmbedding, noise_embedding, noise_vector
+from lit_gen.nets.denoiser import Denoiser, check_dropout, check_levels
+from lit_gen.nets.embed import LabelEmbedding, noise_embedding, noise_vector
 from lit_gen.spec import Configurable
 
 SKIP_SCALE = math.sqrt(0.5)  # residual sums are scaled by 1/sqrt(2) to keep unit variance (DDPM++).
@@ -126,7 +126,7 @@ class UNetBlock(nn.Module):
         return self.proj(a.transpose(-1, -2).reshape(b, c, height, width))
 
 
-class UNet(Configurable, nn.Module):
+class UNet(Denoiser, Configurable, nn.Module):
     """DDPM++ U-Net denoiser F(x, c_noise, label) (Song et al. 2021; EDM's SongUNet config, Karras et al. 2022).
 
     Input and output are [B, C, H, W] with H = W = ``img_resolution``. The noise level ``c_noise`` ([B], O(1),
@@ -154,8 +154,6 @@ class UNet(Configurable, nn.Module):
             through a zero-initialised embedding (``embed.GuidanceEmbedding``); off by default.
     """
 
-    omit_when_default = ("aux_time", "guidance_embed")
-
     def __init__(
         self,
         img_resolution: int,
@@ -174,14 +172,9 @@ class UNet(Configurable, nn.Module):
         guidance_embed: bool = False,
     ) -> None:
         super().__init__()
+        check_levels(img_resolution, channel_mult)
+        check_dropout(dropout)
         levels = len(channel_mult)
-        if levels == 0 or img_resolution % (2 ** (levels - 1)):
-            raise LitGenError(
-                f"img_resolution={img_resolution} must be divisible by 2^(len(channel_mult) - 1) = "
-                f"{2 ** max(levels - 1, 0)} (channel_mult={tuple(channel_mult)} needs at least one level)"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise LitGenError(f"dropout must be in [0, 1), got {dropout}")
         out_channels = in_channels if out_channels is None else out_channels
         self.img_resolution = img_resolution
         self.in_channels = in_channels
@@ -234,23 +227,14 @@ class UNet(Configurable, nn.Module):
         self.out_conv = nn.Conv2d(cout, out_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
-        # Built last: a net without it draws the same initial weights as before it existed.
-        self.map_aux = AuxTimeEmbedding(embedding_type, model_channels, model_channels) if aux_time else None
-        self.map_guide = GuidanceEmbedding(model_channels, model_channels) if guidance_embed else None
+        self.build_optional_conditions(aux_time, guidance_embed, embedding_type, model_channels, model_channels)
 
-    def _embed(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
+    def condition(
+        self, x: Tensor, c_noise: Tensor, label: Tensor | None, c_aux: Tensor | None, c_guide: Tensor | None
     ) -> Tensor:
+        """The conditioning vector [B, emb_channels]: the mapping network of noise (+ aux, guide, label)."""
         emb = self.map_noise(noise_vector(c_noise, x.shape[0], x.device)).to(self.map_layer0.weight.dtype)
-        if self.map_aux is not None:
-            emb = emb + self.map_aux(c_aux, x.shape[0], x.device)
-        if self.map_guide is not None and c_guide is not None:
-            emb = emb + self.map_guide(c_guide, x.shape[0], x.device)
+        emb = self.add_optional_conditions(emb, c_aux, c_guide, x.shape[0], x.device)
         if self.map_label is not None:
             emb = emb + self.map_label(label, x.shape[0])
         emb = F.silu(self.map_layer0(emb))
@@ -266,29 +250,14 @@ class UNet(Configurable, nn.Module):
             h = block(h, emb)
         return h, skips
 
-    def features(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
+    def features_at(self, x: Tensor, emb: Tensor) -> Tensor:
         """Bottleneck activations [B, feature_dim, R, R], R = img_resolution / 2^(len(channel_mult) - 1)."""
-        return self._encode(x, self._embed(x, c_noise, label, c_aux, c_guide))[0]
+        return self._encode(x, emb)[0]
 
-    def feature_levels(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> list[Tensor]:
+    def feature_levels_at(self, x: Tensor, emb: Tensor) -> list[Tensor]:
         """Encoder activations at every resolution, finest first: the last block of each level [B, C_l, R_l, R_l]
         and, for the lowest level, the bottleneck output. FastGen's EDM discriminator reads these levels
         (32/16/8 for CIFAR-10) instead of the bottleneck alone; so do lit_gen's multi-level heads."""
-        emb = self._embed(x, c_noise, label, c_aux, c_guide)
         h = self.conv_in(x)
         levels: list[Tensor] = []
         for block in self.enc:
@@ -299,17 +268,8 @@ class UNet(Configurable, nn.Module):
             h = block(h, emb)
         return [*levels, h]
 
-    def forward(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        label: Tensor | None = None,
-        c_aux: Tensor | None = None,
-        c_guide: Tensor | None = None,
-    ) -> Tensor:
-        """F(x, c_noise, label[, c_aux, c_guide]) with the shape of ``x`` (``label`` is ignored when
-        ``num_classes == 0``, ``c_aux`` without ``aux_time``, ``c_guide`` without ``guidance_embed``)."""
-        emb = self._embed(x, c_noise, label, c_aux, c_guide)
+    def output(self, x: Tensor, emb: Tensor) -> Tensor:
+        """F with the shape of ``x``: encoder, bottleneck, decoder with skips."""
         h, skips = self._encode(x, emb)
         for block, takes_skip in zip(self.dec, self._dec_takes_skip, strict=True):
             if takes_skip:

@@ -1,10 +1,11 @@
-"""Bit-exact resume for every method, with `num_workers` 0 and 2 (issue 9, item 1).
+"""Bit-exact resume for every method, with `num_workers` 0 and 2 (issue 9, item 1; sCD and MeanFlow: issue 19).
 
 Each case runs `lit-gen fit` of the method's real toy2d recipe (shortened) straight to N steps, and again stopped at
-step k — inside a TRACT phase, before CD's curriculum doubles N, in the middle of f-distill's update-ratio cycle —
-then resumed with `--ckpt_path last` to N. The two final checkpoints must agree exactly: every module tensor (raw
-weights, method-owned EMA / self-teacher / target networks, counters), the EMA callback's weights, the optimizer
-state, the per-rank RNG states and the data stream's position.
+step k — inside a TRACT phase, before CD's curriculum doubles N, in the middle of f-distill's update-ratio cycle,
+inside sCD's tangent warm-up (r_k still rising), mid MeanFlow's learning-rate warm-up — then resumed with
+`--ckpt_path last` to N. The two final checkpoints must agree exactly: every module tensor (raw weights,
+method-owned EMA / self-teacher / target networks, sCM's adaptive weight MLP, counters), the EMA callback's weights,
+the optimizer state, the per-rank RNG states and the data stream's position.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ CASES: dict[str, tuple[str, bool, int, int, tuple[str, ...]]] = {
     # update ratio 3: generator steps at 0, 3, 6, 9; the stop at 5 is one critic step into a cycle.
     "fdistill": ("fdistill", True, 10, 5, ("--model.init_args.update_ratio", "3",
                                            "--model.init_args.decay_steps", "10")),
+    # tangent warm-up over 6 steps: the stop at 3 has r_k = 0.5.
+    "scd": ("scm", True, 8, 3, ("--model.init_args.tangent_warmup_steps", "6", "--model.init_args.decay_steps", "8")),
+    # learning-rate warm-up over 5 steps: the stop at 3 is inside it.
+    "meanflow": ("meanflow", False, 8, 3, ("--model.init_args.warmup_steps", "5",
+                                            "--model.init_args.decay_steps", "8")),
 }  # fmt: skip
 
 
@@ -86,6 +92,8 @@ def test_stop_and_resume_is_bit_exact(
     assert straight["global_step"] == resumed["global_step"] == total
     if method == "cd":
         assert int(resumed["state_dict"]["num_scales_now"]) == 21  # the resumed run went through the doubling
+    if method == "scd":
+        assert any(k.startswith("weight_net.") for k in resumed["state_dict"])  # w_φ is saved and resumed
     for section in ("state_dict", "ema_state_dict", "optimizer_states", "lr_schedulers", "rng_states",
                     "ShardDataModule", "lit_gen"):  # fmt: skip
         assert (section in straight) == (section in resumed), section
