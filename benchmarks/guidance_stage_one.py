@@ -9,6 +9,7 @@ and its relative error at w = 4 (RMS distance to the guided teacher, divided by 
     python benchmarks/guidance_stage_one.py --teacher runs/digits/teacher/checkpoints/last.ckpt --steps 300
     python benchmarks/guidance_stage_one.py ... --grid noise      # the noise embedding's frequency grid (1 … 1e-4)
     python benchmarks/guidance_stage_one.py ... --embed-lr-scale 10
+    python benchmarks/guidance_stage_one.py ... --guide runs/digits/teacher_guide/checkpoints/last.ckpt  # autoguided
 
 Prints one line per checkpoint of the probe. Not a test: no assertions, no timing claims.
 """
@@ -42,6 +43,9 @@ def main() -> None:
         help="w features: lit_gen's guidance grid (3 … 0.03 rad per unit w) or the noise grid",
     )
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument(
+        "--guide", default=None, help="a guiding model: autoguidance D_bad + w (D − D_bad) instead of CFG"
+    )
     ns = parser.parse_args()
     torch.set_num_threads(1)
     if ns.grid == "noise":  # the grid GuidanceEmbedding used before issue 18's fix
@@ -51,6 +55,7 @@ def main() -> None:
     param, tnet = teacher.param, teacher.net
     null_class = int(tnet.init_args["num_classes"])
     student = with_guidance_embed(trainable_copy(tnet, 0.0))
+    bad = load_teacher(ns.guide) if ns.guide else None
     images, labels = load_digits()
     data, classes = torch.tensor(images, dtype=torch.float32) / 127.5 - 1, torch.tensor(labels)
     embed = [p for n, p in student.named_parameters() if n.startswith("map_guide.")]
@@ -58,6 +63,8 @@ def main() -> None:
     opt = torch.optim.Adam([{"params": rest}, {"params": embed, "lr": ns.lr * ns.embed_lr_scale}], lr=ns.lr)
 
     def guided(x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if bad is not None:  # Karras et al. 2024, eq. 1
+            return guide(param.denoise(tnet, x, sigma, label), bad.param.denoise(bad.net, x, sigma, label), w)
         both = param.denoise(
             tnet, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([label, torch.full_like(label, null_class)])
         )
@@ -84,7 +91,10 @@ def main() -> None:
             )
         return " | ".join(out)
 
-    print(f"grid {ns.grid}, embed lr x{ns.embed_lr_scale:g}; step 0: {measure()}", flush=True)
+    print(
+        f"{'autoguidance' if bad else 'CFG'}, grid {ns.grid}, embed lr x{ns.embed_lr_scale:g}; step 0: {measure()}",
+        flush=True,
+    )
     start = time.time()
     for step in range(1, ns.steps + 1):
         rows = torch.randint(0, len(data), (ns.batch,))
