@@ -384,6 +384,13 @@ class DistillationMethod(GenerativeMethod):
             return torch.full((batch_size,), lo, device=device, dtype=torch.float32)
         return lo + (hi - lo) * torch.rand(batch_size, device=device, dtype=torch.float32)
 
+    @property
+    def teacher_parameterisation(self) -> Any:
+        """The parameterisation the teacher is stepped with: ``teacher_param`` where the student has its own (CD's
+        consistency function), else the shared ``param``."""
+        param = getattr(self, "teacher_param", None)
+        return self.param if param is None else param
+
     def in_stage_one(self) -> bool:
         """Whether this optimizer step is one of the ``guidance_stage_one`` steps."""
         return int(self.global_step) < getattr(self, "guidance_stage_one", 0)
@@ -393,7 +400,7 @@ class DistillationMethod(GenerativeMethod):
         x̂_θ(x_σ; σ, w) regresses onto the guided teacher x̂^w(x_σ; σ) = x̂_∅ + w (x̂_c − x̂_∅) (or the autoguided
         D_bad + w (D − D_bad)) at the same input x_σ = y + σ n, σ from the teacher's training noise distribution,
         weighted as TRACT's x-loss (EDM: λ(σ), a unit MSE on F; VP: max(SNR, 1)). Shape [B]. Draws σ, n, then w."""
-        teacher_param = getattr(self, "teacher_param", None) or self.param  # CD's student param is its own
+        teacher_param = self.teacher_parameterisation
         dtype = torch.promote_types(y.dtype, torch.float32)
         y = y.to(dtype)
         sigma = teacher_param.sample_sigma(y.shape[0], device=y.device, dtype=dtype)
@@ -411,8 +418,7 @@ class DistillationMethod(GenerativeMethod):
         Classifier-free (Ho & Salimans 2022): x̂_∅ + w (x̂_c − x̂_∅), one batched call with the null class.
         Autoguidance (Karras et al. 2024, eq. 1) when a guiding model is set: D_bad + w (D − D_bad).
         """
-        param = getattr(self, "teacher_param", None)
-        param = self.param if param is None else param
+        param = self.teacher_parameterisation
         scale: float | Tensor = w if w is not None else (self.guidance if self.guidance is not None else 1.0)
         unguided = not isinstance(scale, Tensor) and scale == 1.0
         if getattr(self, "guide_net", None) is not None:
