@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/toy2d_mode_coverage.py [--mixtures gmm5_heldout rand7:1 rand4:2 ...]
         [--divergences rkl js fkl hellinger jeffreys] [--teacher-steps 1200] [--steps 1200] [--n 8192]
+        [--seeds 0 1 2] [--skip-existing]
 
 A mixture is a built-in name (``TOY2D``) or ``randK:SEED``: K isotropic modes generated here with other layouts than the
 built-ins — unequal Dirichlet(1) weights (the smallest at least 3 %), widths 0.08–0.35, centres uniform in a disc of
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--root", default="runs/bench/mode_coverage")
     parser.add_argument("--skip-existing", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="student training seeds (seed_everything); one teacher per mixture serves them all")
     parser.add_argument("extra", nargs="*", help="more `lit-gen fit` arguments for the students (after --)")
     args = parser.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -88,18 +91,19 @@ def main() -> None:
                 env=env)  # fmt: skip
         model = load_model(teacher)
         rows = [("teacher (heun 18, 35 NFE)", mixture_metrics(model.sample(args.n, steps=18, seed=1).numpy(), spec))]
-        for divergence in args.divergences:
-            out = root / f"fdistill_{divergence}"
+        for divergence, seed in ((d, s) for d in args.divergences for s in args.seeds):
+            out = root / (f"fdistill_{divergence}" + (f"_s{seed}" if seed else ""))
             start = time.time()
             if not (args.skip_existing and (out / "checkpoints" / "last.ckpt").is_file()):
                 cli("fit", "-c", "recipes/toy2d/fdistill.yaml", f"--model.init_args.teacher={teacher}",
                     f"--data.init_args.shards={data}", f"--model.init_args.divergence={divergence}",
                     f"--trainer.max_steps={args.steps}", f"--model.init_args.decay_steps={args.steps}",
-                    f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false", *args.extra,
+                    f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false", f"--seed_everything={seed}",
+                    *args.extra,
                     env=env)  # fmt: skip
             student = load_model(out / "checkpoints" / "last.ckpt")
             m = mixture_metrics(student.sample(args.n, seed=1).numpy(), spec)
-            rows.append((f"f-distill {divergence} (1 NFE, {time.time() - start:.0f} s)", m))
+            rows.append((f"f-distill {divergence} seed {seed} (1 NFE, {time.time() - start:.0f} s)", m))
             print(name, rows[-1][0], {k: m[k] for k in ("mode_tv", "off_mode", "modes_covered", "num_modes")},
                   flush=True)  # fmt: skip
         results.append((name, spec, rows))
