@@ -68,8 +68,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--root", default="runs/bench/mode_coverage")
     parser.add_argument("--skip-existing", action="store_true")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="student training seeds (seed_everything); one teacher per mixture serves them all")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="student training seeds (seed_everything); one teacher per mixture serves them all",
+    )
     parser.add_argument("extra", nargs="*", help="more `lit-gen fit` arguments for the students (after --)")
     args = parser.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -98,8 +103,8 @@ def main() -> None:
                 cli("fit", "-c", "recipes/toy2d/fdistill.yaml", f"--model.init_args.teacher={teacher}",
                     f"--data.init_args.shards={data}", f"--model.init_args.divergence={divergence}",
                     f"--trainer.max_steps={args.steps}", f"--model.init_args.decay_steps={args.steps}",
-                    f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false", f"--seed_everything={seed}",
-                    *args.extra,
+                    f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
+                    f"--seed_everything={seed}", *args.extra,
                     env=env)  # fmt: skip
             student = load_model(out / "checkpoints" / "last.ckpt")
             m = mixture_metrics(student.sample(args.n, seed=1).numpy(), spec)
