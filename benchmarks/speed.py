@@ -3,6 +3,8 @@
     python benchmarks/speed.py train  [--recipe recipes/digits/teacher.yaml] [--shards runs/digits_students/data/train]
                                       [--steps 200] [--warmup 20] [--rounds 2] [--memory-data]
     python benchmarks/speed.py sample --teacher CKPT --student CKPT [--n 1000] [--rounds 3]
+    python benchmarks/speed.py methods --teacher CKPT --shards DIR --distil cd=recipes/digits/cd.yaml
+                                       [--distil NAME=RECIPE ...] [--from-data NAME=RECIPE ...] [--steps 40]
 
 train: the teacher recipe through `lit-gen fit` (in this process, everything a user gets: the shard stream, the
 Lightning loop, EMA, checkpoints every 100 steps, the always-on guards, TensorBoard logging; progress bar off) against
@@ -17,6 +19,11 @@ Lightning loop, logging, lit_gen's callbacks).
 
 sample: wall time to draw N samples with the teacher at Heun 18 steps (35 NFE) and with a one-step student (1 NFE),
 alternated `--rounds` times; the ratio of medians.
+
+methods: the training-step cost of several methods' recipes side by side (issue 19: sCD's and MeanFlow's step
+against CD's), each through `lit-gen fit` exactly as a user runs it (`--distil` recipes get `--model.init_args.teacher
+CKPT`, `--from-data` ones train from the shards alone), the recipes alternated `--rounds` times; median wall time
+between step starts after `--warmup` steps, and each method's ratio to the first one, per round.
 """
 
 from __future__ import annotations
@@ -195,6 +202,29 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), load average {load[0]:.1f}")  # fmt: skip
 
 
+def methods(args: argparse.Namespace) -> None:
+    specs = [(*item.split("=", 1), True) for item in args.distil] + [
+        (*item.split("=", 1), False) for item in args.from_data
+    ]
+    if not specs or any(len(spec) != 3 for spec in specs):
+        raise SystemExit("methods: give NAME=RECIPE to --distil / --from-data (at least one)")
+    medians: dict[str, list[float]] = {name: [] for name, _, _ in specs}
+    for r in range(args.rounds):
+        for name, recipe, distil in specs:
+            extra = [f"--model.init_args.teacher={args.teacher}"] if distil else []
+            times = run_lit_gen(recipe, args.shards, args.warmup + args.steps, Path(args.out) / f"{name}{r}", extra)
+            medians[name].append(step_stats(times, args.warmup)[0])
+            print(f"round {r}: {name} median {medians[name][-1] * 1e3:.1f} ms/step", flush=True)
+    first = specs[0][0]
+    print(f"\n{machine()}\nshards {args.shards}, {args.steps} timed steps after {args.warmup}, {args.rounds} rounds\n")
+    print("| method | recipe | median ms/step per round | × " + first + " per round |")
+    print("| --- | --- | --- | --- |")
+    for name, recipe, _ in specs:
+        ms = " / ".join(f"{m * 1e3:.0f}" for m in medians[name])
+        ratio = " / ".join(f"{m / f:.2f}" for m, f in zip(medians[name], medians[first], strict=True))
+        print(f"| {name} | {recipe} | {ms} | {ratio} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -212,8 +242,17 @@ def main() -> None:
     p.add_argument("--student", default="runs/digits_students/fdistill_js/checkpoints/last.ckpt")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("methods")
+    p.add_argument("--teacher", default="runs/quickstart/teacher/checkpoints/last.ckpt")
+    p.add_argument("--shards", default="runs/quickstart/data/train")
+    p.add_argument("--distil", nargs="+", action="extend", default=[], help="NAME=RECIPE trained from --teacher")
+    p.add_argument("--from-data", nargs="+", action="extend", default=[], help="NAME=RECIPE trained from the shards")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default="runs/bench/speed_methods")
     args = parser.parse_args()
-    train(args) if args.what == "train" else sample(args)
+    {"train": train, "sample": sample, "methods": methods}[args.what](args)
 
 
 if __name__ == "__main__":

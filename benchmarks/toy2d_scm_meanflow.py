@@ -2,7 +2,7 @@
 against consistency distillation's (issue 19).
 
     python benchmarks/toy2d_scm_meanflow.py [--mixture gmm5_heldout] [--n 8192] [--skip-fit] [--scd RUN] [--mf RUN]
-        [--extra-scd ARGS...] [--extra-mf ARGS...]
+        [--extra-scd ARGS...] [--extra-mf ARGS...] [--only scd|meanflow] [--no-costs]
 
 Uses the teacher of `benchmarks/toy2d_teacher.py` (runs/bench/toy2d_teacher/<mixture>, shards next to it). Fits
 `recipes/toy2d/scm.yaml` (sCD from that teacher) and `recipes/toy2d/meanflow.yaml` (from the shards) in subprocesses
@@ -86,10 +86,13 @@ def main() -> None:
     parser.add_argument("--skip-fit", action="store_true")
     parser.add_argument("--extra-scd", nargs="*", default=[])
     parser.add_argument("--extra-mf", nargs="*", default=[])
+    parser.add_argument("--only", choices=["scd", "meanflow"], help="fit/score one method (meanflow needs no teacher)")
+    parser.add_argument("--no-costs", action="store_true", help="skip the step-cost table (it needs the teacher)")
     args = parser.parse_args()
     teacher = Path(args.teacher_root) / args.mixture / "checkpoints" / "last.ckpt"
     shards = Path(args.teacher_root) / "data" / args.mixture
-    if not teacher.is_file():
+    needs_teacher = args.only != "meanflow" or not args.no_costs
+    if needs_teacher and not teacher.is_file():
         sys.exit(f"no teacher at {teacher}: run benchmarks/toy2d_teacher.py --mixtures {args.mixture} first")
     runs = {
         "sCD": (Path(args.scd) if args.scd else Path(args.root) / args.mixture / "scd", "recipes/toy2d/scm.yaml",
@@ -97,6 +100,8 @@ def main() -> None:
         "MeanFlow": (Path(args.mf) if args.mf else Path(args.root) / args.mixture / "meanflow",
                      "recipes/toy2d/meanflow.yaml", None, args.extra_mf),
     }  # fmt: skip
+    if args.only:
+        runs = {name: run for name, run in runs.items() if name.lower() == args.only}
     spec = TOY2D[args.mixture]
     rows = []
     for name, (root, recipe, source, extra) in runs.items():
@@ -109,13 +114,15 @@ def main() -> None:
                 f"{100 * m['off_mode']:.1f} % | {m['modes_covered']}/{m['num_modes']} |"
             )
             print(rows[-1], flush=True)
-    torch.set_num_threads(1)
-    costs = step_costs(teacher, args.reps)
-    base = costs["CD (Heun teacher step, N = 12)"]
     print(f"\n{args.mixture}: {args.n} samples, seed 1")
     print("| model | sampler | steps | fit wall (s) | mode TV | off-mode | modes covered |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
+    if args.no_costs:
+        return
+    torch.set_num_threads(1)
+    costs = step_costs(teacher, args.reps)
+    base = costs["CD (Heun teacher step, N = 12)"]
     print("\n| method | loss + backward, batch 1024 (ms) | × CD |\n| --- | --- | --- |")
     for name, seconds in costs.items():
         print(f"| {name} | {1000 * seconds:.1f} | {seconds / base:.2f} |")

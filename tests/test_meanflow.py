@@ -78,6 +78,58 @@ def test_exact_average_velocity_has_zero_meanflow_loss(mode: str) -> None:
     assert meanflow_loss(u, meanflow_target(eps - x, du_c, r, t), power=0).mean() > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["autograd", "finite"])
+def test_predicted_tangent_leaves_only_flow_matching_noise_in_the_target(mode: str) -> None:
+    """Improved MeanFlow (iMF Sec. 4.1): with the JVP along ṽ = u(z, t, t) — the marginal velocity for the exact
+    model — the target v_c − (t − r) du/dt differs from the exact u by exactly v_c − v(z_t), flow matching's own
+    noise, where the conditional tangent adds (t − r) ∂_z u (v_c − v) on top."""
+    mf = MeanFlow()
+    x, eps, (r, t) = _points(128, 2)
+    z = flow_noise(x, eps, t)
+    fn = mf.bind(exact_net)
+    v_c = eps - x
+    u, du_dt = average_velocity_tangent(fn, z, r, t, fn(z, t, t), mode, eps=1e-5)
+    tol = 1e-10 if mode == "autograd" else 1e-7
+    assert (meanflow_target(v_c, du_dt, r, t) - u - (v_c - exact_v(z, t))).abs().max() <= tol
+    _, du_c = average_velocity_tangent(fn, z, r, t, v_c, mode, eps=1e-5)
+    assert (meanflow_target(v_c, du_c, r, t) - u - (v_c - exact_v(z, t))).abs().max() > 1e-2
+
+
+def test_method_predicted_tangent_is_the_networks_own_velocity() -> None:
+    """The method's ``tangent: predicted`` loss equals the loss built by hand with the JVP along u_θ(z, t, t); with
+    r = t everywhere the two tangents give the same loss (the JVP term vanishes)."""
+    x = torch.randn(64, 2) * 0.5
+    methods = {}
+    for ratio in (1.0, 0.0):
+        losses = {}
+        for tangent in ("conditional", "predicted"):
+            method = _method(tangent=tangent, ratio_r_neq_t=ratio)
+            with torch.no_grad():
+                for p in method.net.parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            torch.manual_seed(3)
+            losses[tangent] = method.meanflow_loss(x, None).detach()
+            methods[ratio, tangent] = method
+        if ratio == 0.0:
+            torch.testing.assert_close(losses["conditional"], losses["predicted"])
+        else:
+            assert (losses["conditional"] - losses["predicted"]).abs().max() > 1e-4
+            predicted = losses["predicted"]
+    method = methods[1.0, "predicted"]
+    torch.manual_seed(3)  # the method's draws, in its order: (r, t), then ε
+    r, t = method.param.sample_times(64, method.p_mean, method.p_std, 1.0)
+    eps = torch.randn_like(x)
+    z = flow_noise(x, eps, t)
+    fn = method.param.bind(method.net)
+    with torch.no_grad():
+        _, du_dt = average_velocity_tangent(fn, z, r, t, fn(z, t, t))
+        expected = meanflow_loss(fn(z, r, t), meanflow_target(eps - x, du_dt, r, t), method.adaptive_power)
+    torch.testing.assert_close(predicted, expected)
+    assert method.describe()["meanflow"]["tangent"] == "predicted"
+    with pytest.raises(LitGenError, match="tangent"):
+        _method(tangent="marginal")
+
+
 def test_exact_model_samples_exactly_in_one_and_two_steps() -> None:
     mf = MeanFlow()
     z1 = torch.randn(1000, 2, dtype=F64)

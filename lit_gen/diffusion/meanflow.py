@@ -32,6 +32,10 @@ from lit_gen.errors import LitGenError
 from lit_gen.spec import Configurable
 
 JVP_MODES = ("autograd", "finite")
+TANGENTS = ("conditional", "predicted")
+"""The z-tangent of the JVP: MeanFlow's conditional velocity ε − x (Geng et al. 2025, eq. 8), or the network's own
+instantaneous velocity u_θ(z_t, t, t) (improved MeanFlow, Geng et al. 2025b, arXiv 2512.02012, Sec. 4.1 / Alg. 1:
+the loss becomes ‖u_θ + (t − r) sg(du_θ/dt) − (ε − x)‖², a regression of a function of z_t alone onto ε − x)."""
 
 AverageVelocity = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``u(z, r, t) -> u``: a MeanFlow network with its label bound (r, t of shape [B])."""

@@ -50,8 +50,8 @@ def add_parser(subparsers: Any) -> None:
         nargs="+",
         action="extend",
         default=None,
-        help="metrics (default: fd, plus mixture for built-in 2-D mixtures): fd fd_raw fd_digits fid mixture pr is "
-        "elbo nll",
+        help="metrics (default: fd, plus mixture for built-in 2-D mixtures, plus c2st for images): fd fd_raw fd_digits "
+        "fid mixture pr is c2st elbo nll",
     )
     p.add_argument("--steps", nargs="+", action="extend", type=int, default=None, help="step counts (default: model's)")
     p.add_argument("--n", type=int, default=None, help="generated samples per row (default: #reference, max 10000)")

@@ -8,6 +8,8 @@ maths lives in ``lit_gen.diffusion.meanflow``. Per optimizer step k:
     (CFG folded into training, MeanFlow Sec. 4.2 / eq. 13: ṽ = ω v + (1 − ω) u_θ(z_t, t, t | ∅) for the samples that
      keep their label; the rest are trained unconditional on v, and ṽ replaces v below)
     u_θ⁻, du/dt = JVP of u_θ⁻ along (v, 0, 1) at (z_t, r, t), no gradient
+        (``tangent: predicted``, improved MeanFlow (iMF, Geng et al. 2025b, arXiv 2512.02012, Sec. 4.1): along
+         (ṽ, 0, 1) with ṽ = u_θ⁻(z_t, t, t), the network's own marginal-velocity estimate; the target keeps v)
     u_tgt = v − (t − r) du/dt,   loss = sg(w) ‖u_θ(z_t, r, t) − sg(u_tgt)‖²,  w = 1/(‖Δ‖² + c)^p
 
 The network needs a second time input (``aux_time: true`` on a lit_gen net: t − r through a zero-initialised
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from lit_gen.diffusion.broadcast import append_dims
 from lit_gen.diffusion.meanflow import (
     JVP_MODES,
+    TANGENTS,
     MeanFlow,
     average_velocity_tangent,
     flow_noise,
@@ -55,6 +58,8 @@ class MeanFlowTraining(GenerativeMethod):
         adaptive_const: c of the adaptive weight (MeanFlow: 1e-3).
         jvp: "autograd" (``torch.func.jvp``) or "finite" (central difference).
         jvp_eps: step ε of the finite difference in t (z moves by ε v).
+        tangent: the JVP's z-tangent: "conditional" (ε − x, MeanFlow) or "predicted" (u_θ(z_t, t, t), improved
+            MeanFlow Sec. 4.1: the target's only noise is then flow matching's own; one more forward pass).
         cfg_scale: ω of the guidance folded into training (1 = none; class-conditional nets only).
         label_dropout: probability that a sample trains unconditional (the NULL class; MeanFlow: 0.1).
         sampling_points: the flow-time grid offered to ``--steps K`` (K ≤ this; 2 steps go through t = 0.5).
@@ -79,6 +84,7 @@ class MeanFlowTraining(GenerativeMethod):
         adaptive_const: float = 1e-3,
         jvp: str = "autograd",
         jvp_eps: float = 1e-3,
+        tangent: str = "conditional",
         cfg_scale: float = 1.0,
         label_dropout: float = 0.1,
         sampling_points: int = 16,
@@ -96,6 +102,8 @@ class MeanFlowTraining(GenerativeMethod):
             raise LitGenError(f"MeanFlow trains in flow coordinates: model.param must be a MeanFlow, got {param!r}")
         if jvp not in JVP_MODES:
             raise LitGenError(f"unknown jvp {jvp!r}; choose one of: {', '.join(JVP_MODES)}")
+        if tangent not in TANGENTS:
+            raise LitGenError(f"unknown tangent {tangent!r}; choose one of: {', '.join(TANGENTS)}")
         if not 0.0 <= ratio_r_neq_t <= 1.0 or not 0.0 <= label_dropout < 1.0:
             raise LitGenError(
                 f"ratio_r_neq_t must be in [0, 1] and label_dropout in [0, 1), got {ratio_r_neq_t}, {label_dropout}"
@@ -117,6 +125,7 @@ class MeanFlowTraining(GenerativeMethod):
         self.ratio_r_neq_t = float(ratio_r_neq_t)
         self.adaptive_power, self.adaptive_const = float(adaptive_power), float(adaptive_const)
         self.jvp_mode, self.jvp_eps = jvp, float(jvp_eps)
+        self.tangent = tangent
         self.cfg_scale, self.label_dropout = float(cfg_scale), float(label_dropout)
         self.sampling_points = int(sampling_points)
         self.seed = int(seed)
@@ -158,7 +167,9 @@ class MeanFlowTraining(GenerativeMethod):
             return fn(zz, rr, tt)
 
         with torch.no_grad():
-            _, du_dt = average_velocity_tangent(shared, z, r, t, v, self.jvp_mode, self.jvp_eps)
+            # iMF Sec. 4.1: the boundary condition u(z, t, t) = v(z, t) gives the marginal-velocity tangent.
+            direction = shared(z, t, t).to(dtype) if self.tangent == "predicted" else v
+            _, du_dt = average_velocity_tangent(shared, z, r, t, direction, self.jvp_mode, self.jvp_eps)
             u_tgt = meanflow_target(v, du_dt.to(dtype), r, t)
         set_rng_state(state, x.device)
         u = self.param.u(self.net, z, r, t, train_label).to(dtype)
@@ -184,6 +195,7 @@ class MeanFlowTraining(GenerativeMethod):
         section["meanflow"] = {
             "ratio_r_neq_t": self.ratio_r_neq_t,
             "jvp": self.jvp_mode,
+            "tangent": self.tangent,
             "cfg_scale": self.cfg_scale,
             "adaptive_power": self.adaptive_power,
         }
