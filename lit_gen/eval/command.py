@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 # Written out rather than built from ``runner.METRICS``: building the parser must not import torch (``lit-gen --help``
-# and the other tools stay fast). tests/test_eval_cli.py checks that it names every metric.
+# and the other tools stay fast). tests/test_eval_cli.py checks that both name every metric.
+METRIC_NAMES = ("fd", "fd_raw", "fd_digits", "fid", "mixture", "pr", "is", "c2st", "elbo", "nll")
 METRIC_HELP = (
     "fd: Fréchet distance in the data's feature space (raw values for points, the digits classifier for 1x8x8 images, "
     "Inception-v3 otherwise); fd_raw: FD on the raw values; fd_digits: FD on digits-classifier features; "
@@ -50,8 +51,8 @@ def add_parser(subparsers: Any) -> None:
         nargs="+",
         action="extend",
         default=None,
-        help="metrics (default: fd, plus mixture for built-in 2-D mixtures, plus c2st for images): fd fd_raw fd_digits "
-        "fid mixture pr is c2st elbo nll",
+        help="metrics (default: fd, plus mixture for built-in 2-D mixtures, plus c2st for images): "
+        + " ".join(METRIC_NAMES),
     )
     p.add_argument("--steps", nargs="+", action="extend", type=int, default=None, help="step counts (default: model's)")
     p.add_argument("--n", type=int, default=None, help="generated samples per row (default: #reference, max 10000)")
