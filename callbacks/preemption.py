@@ -93,7 +93,12 @@ class Preemption(Callback):
 
 
 def _requeue_slurm() -> bool:
+    """``scontrol requeue`` this SLURM job; False outside SLURM, in an interactive step, or with
+    ``LIT_GEN_REQUEUE=0`` (set by ``lit-gen pipeline --jobs N`` for its fit processes: the pipeline requeues once,
+    after every running stage has saved)."""
     job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("LIT_GEN_REQUEUE") == "0":
+        return False
     if not job or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
         return False
     array = os.environ.get("SLURM_ARRAY_JOB_ID")

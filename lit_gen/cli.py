@@ -7,7 +7,8 @@
     lit-gen eval --ckpt PATH --ref SHARDS [--metric fd|mixture|...] [--steps K ...] [--n N] [--json]
     lit-gen slurm -c RECIPE.yaml [-c OVERLAY.yaml] --nodes N --gpus-per-node G [--time ...] [-- --key value ...]
     lit-gen import SRC --out TEACHER.safetensors [--format auto|diffusers|edm|edm2|dit] [--check]
-    lit-gen quickstart [--out DIR] [--tiny]        lit-gen pipeline -c PIPELINE.yaml [--out DIR] [--tiny]
+    lit-gen quickstart [--out DIR] [--tiny] [--jobs N]
+    lit-gen pipeline -c PIPELINE.yaml [--out DIR] [--tiny] [--jobs N]
     lit-gen report RUN_OR_PIPELINE_DIR [--out report.html]
 
 Training verbs are LightningCLI (recipes are its YAML); the plain tools are argparse. ``-v``/``--verbose`` (or
@@ -310,12 +311,14 @@ def _cmd_slurm(ns: argparse.Namespace) -> None:
 
 
 def _cmd_pipeline(ns: argparse.Namespace) -> None:
-    from lit_gen.pipeline import Pipeline, Runner
+    from lit_gen.pipeline import Pipeline, Runner, auto_jobs
 
     recipe = ns.config or str(Path(__file__).resolve().parents[1] / "recipes" / "pipelines" / "digits.yaml")
     if not ns.config and not Path(recipe).is_file():
         recipe = "recipes/pipelines/digits.yaml"
-    runner = Runner(Pipeline.read(recipe), ns.out, tiny=ns.tiny, log=lambda line: print(line, flush=True))
+    pipeline = Pipeline.read(recipe)
+    jobs = auto_jobs(pipeline) if ns.jobs is None else ns.jobs
+    runner = Runner(pipeline, ns.out, tiny=ns.tiny, log=lambda line: print(line, flush=True), jobs=jobs)
     results = runner.run()
     print(f"results: {results}; sample grids: {ns.out}/*.png; TensorBoard: tensorboard --logdir {ns.out}")
     if runner.report is not None:
@@ -432,6 +435,17 @@ def _tools_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", required=verb == "pipeline", default=None, help="pipeline recipe YAML")
         p.add_argument("--out", default=f"runs/{verb}", help=f"output folder (default runs/{verb})")
         p.add_argument("--tiny", action="store_true", help="a few-minute smoke run (numbers are not meaningful)")
+        p.add_argument(
+            "--jobs",
+            type=int,
+            default=None if verb == "quickstart" else 1,
+            help="fit stages run at once, each its own process sharing the CPU cores (default: "
+            + (
+                "every fit stage that can run at once, up to two per core)"
+                if verb == "quickstart"
+                else "1, one stage at a time)"
+            ),
+        )
         p.set_defaults(func=_cmd_pipeline)
     return parser
 

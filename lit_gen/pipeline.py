@@ -18,14 +18,27 @@ At the end the runner writes ``OUT/report.html`` (``lit_gen.report``: table, gri
 ``fit`` stage logs one line with its time, final losses and checkpoint.
 
 A stage that finished leaves ``OUT/<stage>/.done`` and is skipped when the pipeline runs again; an unfinished ``fit``
-stage resumes from its ``last.ckpt`` (``--ckpt_path last``). Relative recipe paths resolve against the current folder,
-then against the folder that holds ``recipes/``. ``lit-gen quickstart`` is this runner on
+stage resumes from its ``last.ckpt`` (``--ckpt_path last``). Relative recipe paths resolve against the current
+folder, then against the folder that holds ``recipes/``. ``lit-gen quickstart`` is this runner on
 ``recipes/pipelines/digits.yaml``.
+
+``jobs`` > 1 (``lit-gen pipeline --jobs N``; ``lit-gen quickstart`` defaults to ``auto_jobs``: all the fit stages
+that can run at once, up to two per core) runs up to N ``fit`` stages at once, each as its own ``lit-gen fit``
+process logging to ``OUT/<stage>/fit.log``. A stage starts once the stages it names (``data``, ``teacher``; an
+eval's ``ref`` and row models) are done, in recipe order; each process gets the CPU cores divided among the stages
+that can run at that moment (``OMP_NUM_THREADS``, unless you set it), so a lone teacher still gets every core and
+the three quickstart students share them. After a failure no new stage starts, the running ones finish, and the
+error names the stage and its log. SIGTERM / SIGUSR1 to the pipeline is passed on to every running fit, which
+checkpoints; under SLURM the job is requeued once, after all of them saved.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +49,8 @@ import yaml
 from lit_gen.errors import LitGenError
 
 DONE = ".done"
+FIT_LOG = "fit.log"
+STOPPED = 75  # exit status of a pipeline fit process stopped by a preemption signal (checkpoint saved)
 PIPELINE_KEYS = {"name", "description", "stages"}
 STAGE_KINDS = {"shards", "fit", "eval"}
 KEYS = {
@@ -50,6 +65,11 @@ class Stage:
     name: str
     kind: str
     spec: dict[str, Any] = field(default_factory=dict)
+
+    def needs(self) -> set[str]:
+        """The earlier stages this one reads: a fit's ``data`` and ``teacher``, an eval's ``ref`` and row models."""
+        names = {self.spec[key] for key in ("data", "teacher", "ref") if self.spec.get(key)}
+        return names | {row["model"] for row in self.spec.get("rows", [])}
 
 
 @dataclass
@@ -109,11 +129,43 @@ def _args(mapping: dict[str, Any] | None) -> list[str]:
     return out
 
 
-class Runner:
-    """Runs a ``Pipeline`` into ``out``; ``tiny`` uses each stage's ``tiny`` settings (a few minutes in all)."""
+def cpu_count() -> int:
+    """CPU cores this process may use (a SLURM or taskset allocation, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
-    def __init__(self, pipeline: Pipeline, out: str | Path, tiny: bool = False, log: Any = print) -> None:
-        self.pipeline, self.out, self.tiny, self.log = pipeline, Path(out), tiny, log
+
+def fit_width(pipeline: Pipeline) -> int:
+    """The most fit stages that can run at once: stages grouped by depth (a stage is one deeper than the deepest
+    stage it needs); the largest group of fit stages."""
+    depth: dict[str, int] = {}
+    for stage in pipeline.stages:
+        depth[stage.name] = 1 + max((depth[name] for name in stage.needs()), default=0)
+    counts: dict[int, int] = {}
+    for stage in pipeline.stages:
+        if stage.kind == "fit":
+            counts[depth[stage.name]] = counts.get(depth[stage.name], 0) + 1
+    return max(counts.values(), default=1)
+
+
+def auto_jobs(pipeline: Pipeline) -> int:
+    """``lit-gen quickstart``'s default ``--jobs``: every fit stage that can run at once, up to two per core. Three
+    single-thread students on two cores finish together, where two at a time leave a core idle for the third."""
+    return max(1, min(fit_width(pipeline), 2 * cpu_count()))
+
+
+class Runner:
+    """Runs a ``Pipeline`` into ``out``; ``tiny`` uses each stage's ``tiny`` settings (a few minutes in all);
+    ``jobs`` > 1 runs independent fit stages at once, each in its own process."""
+
+    def __init__(
+        self, pipeline: Pipeline, out: str | Path, tiny: bool = False, log: Any = print, jobs: int = 1
+    ) -> None:
+        if jobs < 1:
+            raise LitGenError(f"--jobs must be at least 1 (got {jobs})")
+        self.pipeline, self.out, self.tiny, self.log, self.jobs = pipeline, Path(out), tiny, log, jobs
         self.report: Path | None = None
 
     def stage_dir(self, name: str) -> Path:
@@ -136,25 +188,129 @@ class Runner:
     def last_checkpoint(self, name: str) -> Path:
         return self.stage_dir(name) / "checkpoints" / "last.ckpt"
 
+    def done(self, name: str) -> bool:
+        return (self.stage_dir(name) / DONE).exists()
+
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
-        total, start = len(self.pipeline.stages), time.time()
-        for i, stage in enumerate(self.pipeline.stages, start=1):
-            done = self.stage_dir(stage.name) / DONE
-            if done.exists():
-                self.log(f"[{i}/{total}] {stage.name}: done earlier, skipped")
-                continue
-            self.log(f"[{i}/{total}] {stage.name}: {stage.kind} ...")
-            t0 = time.time()
-            summary = getattr(self, f"_{stage.kind}")(stage)
-            done.parent.mkdir(parents=True, exist_ok=True)
-            done.write_text(f"{time.time() - t0:.1f}\n")
-            self.log(
-                f"[{i}/{total}] {stage.name}: finished in {time.time() - t0:.0f}s (total {time.time() - start:.0f}s)"
-                + (f"; {summary}" if summary else "")
-            )
+        self._start, self._total = time.time(), len(self.pipeline.stages)
+        if self.jobs > 1:
+            self._run_parallel()
+        else:
+            for i, stage in enumerate(self.pipeline.stages, start=1):
+                if not self._skip(i, stage):
+                    self._run_here(i, stage)
         self.write_report()
         return self.out / "results.md"
+
+    def _skip(self, i: int, stage: Stage) -> bool:
+        if self.done(stage.name):
+            self.log(f"[{i}/{self._total}] {stage.name}: done earlier, skipped")
+            return True
+        return False
+
+    def _finished(self, i: int, stage: Stage, t0: float, summary: str | None) -> None:
+        done = self.stage_dir(stage.name) / DONE
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(f"{time.time() - t0:.1f}\n")
+        self.log(
+            f"[{i}/{self._total}] {stage.name}: finished in {time.time() - t0:.0f}s "
+            f"(total {time.time() - self._start:.0f}s)" + (f"; {summary}" if summary else "")
+        )
+
+    def _run_here(self, i: int, stage: Stage) -> None:
+        """One stage in this process."""
+        self.log(f"[{i}/{self._total}] {stage.name}: {stage.kind} ...")
+        t0 = time.time()
+        self._finished(i, stage, t0, getattr(self, f"_{stage.kind}")(stage))
+
+    # ------------------------------------------------------------------------------------------- parallel stages
+    def _run_parallel(self) -> None:
+        """Fit stages as processes, up to ``jobs`` at once, each started when the stages it needs are done; shards
+        and eval stages run here once theirs are (while they run they hold one of the ``jobs`` slots)."""
+        running: dict[str, tuple[subprocess.Popen, int, Stage, float]] = {}
+        failures: list[str] = []
+        stopped: list[str] = []
+
+        def forward(signum: int, frame: Any) -> None:
+            stopped.append(signal.Signals(signum).name)
+            for proc, *_ in running.values():
+                proc.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        stages = self.pipeline.stages
+        try:
+            for i, stage in enumerate(stages, start=1):
+                if self._skip(i, stage):
+                    continue
+                while not failures and not stopped and (len(running) >= self.jobs or stage.needs() & set(running)):
+                    self._reap(running, failures, stopped)
+                if failures or stopped:
+                    break
+                if stage.kind != "fit":
+                    self._run_here(i, stage)
+                    continue
+                ready = 1 + sum(
+                    later.kind == "fit" and not self.done(later.name) and all(map(self.done, later.needs()))
+                    for later in stages[i:]
+                )
+                width = len(running) + min(self.jobs - len(running), ready)
+                running[stage.name] = (self._launch(i, stage, max(1, cpu_count() // width)), i, stage, time.time())
+            while running:
+                self._reap(running, failures, stopped)
+        except KeyboardInterrupt:
+            for proc, *_ in running.values():  # Ctrl-C reached them too: let them save and exit
+                proc.wait()
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if stopped:
+            from callbacks.preemption import _requeue_slurm
+
+            requeued = _requeue_slurm()
+            raise LitGenError(
+                f"pipeline stopped by {stopped[0]}: the running stages saved their checkpoints; "
+                + ("job requeued" if requeued else "run the pipeline again to resume them")
+            )
+        if failures:
+            raise LitGenError(failures[0] + (f" (and {len(failures) - 1} more failed stages)" if failures[1:] else ""))
+
+    def _launch(self, i: int, stage: Stage, threads: int) -> subprocess.Popen:
+        env = dict(os.environ, LIT_GEN_REQUEUE="0")
+        if "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        folder = self.stage_dir(stage.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / FIT_LOG
+        threads = env["OMP_NUM_THREADS"]
+        self.log(f"[{i}/{self._total}] {stage.name}: fit ... ({threads} thread{'s' * (threads != '1')}; log {log})")
+        with log.open("a") as handle:  # the child keeps its own descriptor
+            return subprocess.Popen(
+                self.fit_command(stage),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def _reap(self, running: dict, failures: list[str], stopped: list[str]) -> None:
+        """Wait (up to a second) for one running fit to end and account for it."""
+        for name, (proc, i, stage, t0) in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del running[name]
+            log = self.stage_dir(name) / FIT_LOG
+            if code == 0 and self.last_checkpoint(name).exists():
+                self._finished(i, stage, t0, self.fit_summary(name))
+            elif code == STOPPED:
+                self.log(f"[{i}/{self._total}] {name}: stopped, checkpoint saved; {_last_line(log)}")
+                stopped.append(stopped[0] if stopped else "a preemption signal")
+            else:
+                failures.append(f"stage {name} failed (exit status {code}): {_last_line(log)} (full log: {log})")
+                self.log(f"[{i}/{self._total}] {failures[-1]}")
+            return
+        time.sleep(1.0)
 
     def write_report(self) -> Path | None:
         """``OUT/report.html`` (``lit-gen report OUT``): the metrics table, grids, curves and configs."""
@@ -189,9 +345,12 @@ class Runner:
             args += ["--shard-size", str(spec["shard_size"])]
         main(args)
 
-    def _fit(self, stage: Stage) -> None:
-        from lit_gen.cli import main
+    def fit_command(self, stage: Stage) -> list[str]:
+        """The process a fit stage runs as when ``jobs`` > 1."""
+        return [sys.executable, "-m", "lit_gen.pipeline", *self.fit_args(stage)]
 
+    def fit_args(self, stage: Stage) -> list[str]:
+        """The ``lit-gen fit`` command line of a fit stage (without the program name)."""
         spec = stage.spec
         args = ["fit", "-c", str(self.pipeline.resolve(spec["recipe"]))]
         args += ["--trainer.default_root_dir", str(self.stage_dir(stage.name))]
@@ -204,12 +363,17 @@ class Runner:
             overrides.update(spec.get("tiny") or {})
         if self.tiny and "trainer.log_every_n_steps" not in overrides:
             overrides["trainer.log_every_n_steps"] = 5  # a few dozen steps: still some points on the report's curves
+        if self.jobs > 1 and "trainer.enable_progress_bar" not in overrides:
+            overrides["trainer.enable_progress_bar"] = False  # its log is a file: the bar would only fill it
         args += _args(overrides)
-        args += ["--ckpt_path", "last"]  # an unfinished stage resumes; a fresh one starts from scratch
+        return args + ["--ckpt_path", "last"]  # an unfinished stage resumes; a fresh one starts from scratch
+
+    def _fit(self, stage: Stage) -> str:
         from callbacks.preemption import LAST_STOP
+        from lit_gen.cli import main
 
         LAST_STOP.clear()
-        main(args)
+        main(self.fit_args(stage))
         if LAST_STOP:  # SIGTERM / SIGUSR1: the fit saved and returned early; the stage is not done
             raise LitGenError(
                 f"stage {stage.name} was stopped by {LAST_STOP[-1]} (checkpoint saved); run the pipeline again "
@@ -271,3 +435,27 @@ def add_fd_ratio(rows: list[dict[str, Any]], reference_model: str) -> str:
         if isinstance(row.get("fd"), (int, float)):
             row["fd_ratio"] = row["fd"] / ref["fd"]
     return f" fd_ratio: FD over the FD of {reference_model} at {ref.get('nfe')} NFE."
+
+
+def _last_line(log: Path) -> str:
+    """The last non-empty line of a fit log (for a failed stage: ``lit-gen: error: ...``)."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "empty log"
+
+
+def _fit_process(argv: list[str]) -> None:
+    """``python -m lit_gen.pipeline fit ...``: one pipeline fit stage as a process (``Runner(jobs > 1)``); exits with
+    ``STOPPED`` when a preemption signal ended the fit early, so the runner does not count the stage as done."""
+    from callbacks.preemption import LAST_STOP
+    from lit_gen.cli import main
+
+    main(argv)
+    if LAST_STOP:
+        sys.exit(STOPPED)
+
+
+if __name__ == "__main__":
+    _fit_process(sys.argv[1:])

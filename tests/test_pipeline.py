@@ -127,3 +127,128 @@ def test_fd_ratio_is_relative_to_the_reference_models_most_nfe() -> None:
     assert [r.get("fd_ratio") for r in rows] == [50.0, 1.0, 1.5, None]
     assert "teacher at 35 NFE" in note
     assert add_fd_ratio([{"model": "x", "nfe": 1, "mode_tv": 0.1}], "x") == ""
+
+
+# ------------------------------------------------------------------------------------------ --jobs N (parallel fits)
+# A stand-in fit process: records when it ran and with how many threads, writes the stage's last.ckpt, sleeps, and
+# exits with the status the test asks for (FAKE_EXIT_<stage>) — the scheduler, not Lightning, is under test here;
+# `test_quickstart_tiny_end_to_end` runs real fits through `python -m lit_gen.pipeline` with the default jobs.
+FAKE_FIT = """
+import json, os, signal, sys, time
+from pathlib import Path
+folder = Path(sys.argv[sys.argv.index("--trainer.default_root_dir") + 1])
+def stop(signum, frame):  # a real fit checkpoints at the next step, then exits STOPPED
+    (folder / "stopped").write_text(signal.Signals(signum).name)
+    sys.exit(75)
+signal.signal(signal.SIGUSR1, stop)
+start = time.time()
+code = int(os.environ.get("FAKE_EXIT_" + folder.name, "0"))
+if code == 0:
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (folder / "checkpoints" / "last.ckpt").write_text("x")
+time.sleep(float(os.environ.get("FAKE_SLEEP", "1.5")))
+print("lit-gen: error: the fake fit failed" if code else "fake fit done")
+threads, requeue = os.environ["OMP_NUM_THREADS"], os.environ.get("LIT_GEN_REQUEUE")
+ran = {"start": start, "end": time.time(), "threads": threads, "requeue": requeue}
+(folder / "ran.json").write_text(json.dumps(ran))
+sys.exit(code)
+"""
+
+PARALLEL = """
+name: par
+stages:
+  - {name: teacher, fit: {recipe: REC}}
+  - {name: a, fit: {recipe: REC, teacher: teacher}}
+  - {name: b, fit: {recipe: REC, teacher: teacher}}
+  - {name: c, fit: {recipe: REC, teacher: teacher}}
+"""
+
+
+def parallel_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int = 2) -> tuple[Runner, list[str]]:
+    import sys
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("lit_gen.pipeline.cpu_count", lambda: 4)
+    fake = tmp_path / "fake_fit.py"
+    fake.write_text(FAKE_FIT)
+    (tmp_path / "recipe.yaml").write_text("{}\n")
+    monkeypatch.setattr(Runner, "fit_command", lambda self, stage: [sys.executable, str(fake), *self.fit_args(stage)])
+    monkeypatch.setattr(Runner, "fit_summary", lambda self, name: "")
+    lines: list[str] = []
+    pipe = Pipeline.read(write(tmp_path, PARALLEL.replace("REC", str(tmp_path / "recipe.yaml"))))
+    return Runner(pipe, tmp_path / "out", log=lines.append, jobs=jobs), lines
+
+
+def ran(runner: Runner, name: str) -> dict:
+    import json
+
+    return json.loads((runner.stage_dir(name) / "ran.json").read_text())
+
+
+def test_parallel_fits_start_after_their_teacher_and_share_the_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner, lines = parallel_runner(tmp_path, monkeypatch, jobs=2)
+    runner.run()
+    teacher, a, b, c = (ran(runner, name) for name in "teacher a b c".split())
+    assert all(runner.done(name) for name in "teacher a b c".split())
+    assert min(a["start"], b["start"], c["start"]) >= teacher["end"]  # students wait for their teacher
+    assert a["start"] < b["end"] and b["start"] < a["end"]  # a and b ran at the same time ...
+    assert c["start"] >= min(a["end"], b["end"])  # ... and c waited for a free slot (jobs = 2)
+    # The lone teacher gets all 4 cores, two students at once 2 each; the last one starts while one still runs.
+    assert (teacher["threads"], a["threads"], b["threads"], c["threads"]) == ("4", "2", "2", "2")
+    assert {a["requeue"], teacher["requeue"]} == {"0"}  # the pipeline, not each fit, requeues a SLURM job
+    assert (runner.stage_dir("a") / "fit.log").read_text().strip() == "fake fit done"
+    assert sum("finished in" in line for line in lines) == 4
+    lines.clear()
+    runner.run()  # everything done: all skipped, nothing launched
+    assert sum("skipped" in line for line in lines) == 4
+
+
+def test_a_failed_parallel_fit_names_its_log_and_lets_the_others_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_EXIT_a", "2")
+    runner, lines = parallel_runner(tmp_path, monkeypatch, jobs=2)
+    failed = r"stage a failed \(exit status 2\): lit-gen: error: the fake fit failed"
+    with pytest.raises(LitGenError, match=failed) as e:
+        runner.run()
+    assert str(runner.stage_dir("a") / "fit.log") in str(e.value)
+    assert runner.done("b") and not runner.done("a")  # b ran beside a and finished; its work is kept
+    assert not (runner.stage_dir("c") / "ran.json").exists()  # nothing new starts after a failure
+
+
+def test_a_preemption_signal_reaches_every_running_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGUSR1 to the pipeline goes to its running fit; a fit that exits STOPPED (checkpoint saved) is not done,
+    nothing new starts, and the pipeline's own handlers are put back."""
+    import os
+    import signal
+    import threading
+
+    monkeypatch.setenv("FAKE_SLEEP", "20")
+    runner, lines = parallel_runner(tmp_path, monkeypatch, jobs=2)
+    before = signal.getsignal(signal.SIGUSR1)
+    timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    timer.start()
+    with pytest.raises(LitGenError, match="pipeline stopped by SIGUSR1.*run the pipeline again to resume"):
+        runner.run()
+    timer.join()
+    assert (runner.stage_dir("teacher") / "stopped").read_text() == "SIGUSR1"  # forwarded to the fit
+    assert not runner.done("teacher") and not runner.stage_dir("a").exists()
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_jobs_must_be_positive(tmp_path: Path) -> None:
+    recipe = write(tmp_path, "stages:\n  - {name: d, shards: {source: 'builtin:toy2d:gmm8:100'}}\n")
+    with pytest.raises(LitGenError, match="--jobs must be at least 1"):
+        Runner(Pipeline.read(recipe), tmp_path / "out", jobs=0)
+
+
+def test_quickstart_runs_its_three_students_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lit_gen.pipeline import auto_jobs, fit_width
+
+    quickstart = Pipeline.read(REPO / "recipes" / "pipelines" / "digits.yaml")
+    assert fit_width(quickstart) == 3  # teacher alone, then TRACT, CD and f-distill
+    for cores, jobs in ((1, 2), (2, 3), (16, 3)):
+        monkeypatch.setattr("lit_gen.pipeline.cpu_count", lambda cores=cores: cores)
+        assert auto_jobs(quickstart) == jobs
