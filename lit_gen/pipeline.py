@@ -39,6 +39,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,7 +238,9 @@ class Runner:
             for proc, *_ in running.values():
                 proc.send_signal(signum)
 
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be installed from there
+            previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         stages = self.pipeline.stages
         try:
             for i, stage in enumerate(stages, start=1):
