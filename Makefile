@@ -15,7 +15,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 # The main job on built-in digits (no downloads): shards -> EDM teacher -> TRACT, consistency and f-distill students
-# -> metrics table in runs/quickstart/results.md (15-26 min on 2 idle CPU cores, by core speed; re-running resumes finished stages).
+# -> metrics table in runs/quickstart/results.md (13-40 min on 2 idle CPU cores, by core speed; re-running resumes finished stages).
 quickstart: $(STAMP)
 	$(BIN)/lit-gen quickstart --out runs/quickstart
 
