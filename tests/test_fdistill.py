@@ -204,6 +204,32 @@ def test_module_owned_generator_ema_is_exported(teacher_ckpt: Path, toy_shards: 
     assert not torch.equal(method.net_ema.proj_out.weight, method.net.proj_out.weight)
 
 
+def test_power_function_generator_ema_matches_the_post_hoc_ema_profile(
+    teacher_ckpt: Path, toy_shards: Path, tmp_path: Path
+) -> None:
+    """``ema_sigma_rel``: the module-owned generator EMA is EDM2's power-function EMA — with one generator update per
+    step it equals the profile callbacks.phema.PostHocEMA tracks of the same width (an independent update path)."""
+    from callbacks.phema import PostHocEMA
+
+    method = FDistill(teacher=str(teacher_ckpt), update_ratio=1, ema_sigma_rel=0.2, optimizer=adam)
+    tracker = PostHocEMA(sigma_rels=[0.2], snapshot_every_n_steps=1000, folder=str(tmp_path / "ph"))
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[tracker], enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(method, datamodule=ShardDataModule(shards=str(toy_shards), batch_size=64, num_workers=0))
+    assert int(method.generator_updates) == 4
+    profile = tracker.profiles[repr(0.2)]
+    ema, raw = method.net_ema.state_dict(), method.net.state_dict()
+    for name, value in ema.items():
+        torch.testing.assert_close(value, profile[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(ema[n], raw[n]) for n in ema)
+    with pytest.raises(LitGenError, match="not both"):
+        FDistill(teacher=str(teacher_ckpt), ema_halflife_steps=10, ema_sigma_rel=0.1)
+    with pytest.raises(LitGenError, match="ema_sigma_rel must be in"):
+        FDistill(teacher=str(teacher_ckpt), ema_sigma_rel=0.3)
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_toy2d_recipe_improves_the_one_step_sample(teacher_ckpt: Path, toy_shards: Path, tmp_path: Path) -> None:

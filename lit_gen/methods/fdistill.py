@@ -66,6 +66,7 @@ with detached weights (which would bypass ZeRO-3's gathering); the EMA update ru
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -91,6 +92,7 @@ from lit_gen.methods.divergences import (
 from lit_gen.methods.replay import eval_mode
 from lit_gen.nets.discriminator import MultiLevelDiscriminator
 from lit_gen.nets.lora import LoRASpec, adapt_method
+from lit_gen.phema import gamma_from_sigma_rel, power_beta
 from lit_gen.scale.zero3 import gathered_copy, partitioned, skip_param_groups
 
 GROUPS = ("generator", "fake_score", "discriminator")
@@ -247,6 +249,9 @@ class FDistill(DistillationMethod):
         disc_lr_scale: the discriminator head's learning rate relative to the optimizer's lr.
         disc_hidden: width of every level's head (0 = that level's feature width).
         ema_halflife_steps: half-life of the generator EMA in generator updates; 0 = no EMA.
+        ema_sigma_rel: instead, a power-function EMA of the generator over its updates (EDM2 eq. 3 / App. C.1:
+            update k weighted ∝ k^γ) of this relative width σ_rel (EDM2 eq. 4; < 0.289, → 0.289 is the uniform
+            average); 0 = off. Short GAN-trained runs gain from a wide average (benchmarks/RESULTS.md, issue 16).
         optimizer: optimizer factory (one optimizer; see the update scheme in the module docstring).
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         decay_steps: linear learning-rate decay to 0 at this optimizer step (0 = constant).
@@ -295,6 +300,7 @@ class FDistill(DistillationMethod):
         disc_lr_scale: float = 1.0,
         disc_hidden: int = 0,
         ema_halflife_steps: float = 0.0,
+        ema_sigma_rel: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
         decay_steps: int = 0,
@@ -325,6 +331,14 @@ class FDistill(DistillationMethod):
             (ratio_bins >= 0 and 0.0 <= ratio_ema < 1.0, "need ratio_bins >= 0 and 0 <= ratio_ema < 1"),
             (fake_lr_scale > 0 and disc_lr_scale > 0, "fake_lr_scale and disc_lr_scale must be positive"),
             (ema_halflife_steps >= 0, f"ema_halflife_steps must be >= 0, got {ema_halflife_steps}"),
+            (
+                0.0 <= ema_sigma_rel < math.sqrt(1 / 12),
+                f"ema_sigma_rel must be in [0, {math.sqrt(1 / 12):.4f}), got {ema_sigma_rel}",
+            ),
+            (
+                not (ema_halflife_steps > 0 and ema_sigma_rel > 0),
+                "set one of ema_halflife_steps and ema_sigma_rel, not both",
+            ),
             (noise in NOISE_DISTRIBUTIONS, f"unknown noise {noise!r}; choose one of {', '.join(NOISE_DISTRIBUTIONS)}"),
             (noise_p_std > 0, f"noise_p_std must be positive, got {noise_p_std}"),
             (
@@ -355,6 +369,7 @@ class FDistill(DistillationMethod):
         self.ratio_ema = float(ratio_ema)
         self.lr_scales = {"generator": 1.0, "fake_score": float(fake_lr_scale), "discriminator": float(disc_lr_scale)}
         self.ema_halflife_steps = float(ema_halflife_steps)
+        self.ema_sigma_rel = float(ema_sigma_rel)
 
         # Fake score: a trainable copy of the teacher (DMD §3.2: initialised from the real score), with the
         # students' dropout (0 by default, ALGORITHMS.md §7).
@@ -366,7 +381,7 @@ class FDistill(DistillationMethod):
         if self.divergence.needs_ratio or self.gan_weight > 0:
             self.disc = MultiLevelDiscriminator(self.feature_shapes(), hidden=disc_hidden, pool=disc_pool)
         self.net_ema: nn.Module | None = None
-        if self.ema_halflife_steps > 0:
+        if self.ema_halflife_steps > 0 or self.ema_sigma_rel > 0:
             self.net_ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         # Method state (DESIGN style 9): checkpointed with the module.
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
@@ -709,12 +724,16 @@ class FDistill(DistillationMethod):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """θ_ema ← β θ_ema + (1 − β) θ with β = min(0.5^(1/half-life), (1 + k)/(10 + k)) after k generator updates
-        (the warm-up of tf.train.ExponentialMovingAverage, so the teacher's initial weights fade quickly)."""
+        """θ_ema ← β θ_ema + (1 − β) θ after k generator updates, with β = min(0.5^(1/half-life), (1 + k)/(10 + k))
+        (the warm-up of tf.train.ExponentialMovingAverage, so the teacher's initial weights fade quickly), or with
+        ``ema_sigma_rel`` the power-function β_k = (1 − 1/k)^(γ+1) (EDM2 App. C.1; k = 1 copies θ)."""
         if self.net_ema is None:
             return
         k = int(self.generator_updates)
-        beta = min(0.5 ** (1.0 / self.ema_halflife_steps), (1 + k) / (10 + k))
+        if self.ema_sigma_rel > 0:
+            beta = power_beta(k, gamma_from_sigma_rel(self.ema_sigma_rel))
+        else:
+            beta = min(0.5 ** (1.0 / self.ema_halflife_steps), (1 + k) / (10 + k))
         with gathered_copy(self.net_ema, self.net):
             for e, p in zip(self.net_ema.parameters(), self.net.parameters(), strict=True):
                 e.lerp_(p.detach().to(e.dtype), 1.0 - beta)
