@@ -124,6 +124,38 @@ def test_mixed_w_target_equals_per_sample_cfg_and_autoguidance(files: dict[str, 
         torch.testing.assert_close(out, other + w[:, None] * (cond - other))
 
 
+def test_fdistill_guidance_interval_targets_the_conditional_teacher_above_sigma_max(files: dict[str, Path]) -> None:
+    """``guidance_sigma_max``: the DM term's target is the guided teacher at σ ≤ σ_g and the unguided (w = 1)
+    conditional teacher above it, per sample, for a w-conditioned and a fixed-w student; 0 keeps w everywhere."""
+    sigma = torch.tensor([0.1, 0.9, 1.0, 1.1, 5.0, 40.0])
+    w = torch.tensor([4.0, 3.0, 2.0, 4.0, 3.5, 2.5])
+    x, label = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    wcond = FDistill(teacher=str(files["teacher"]), guidance=[1.0, 4.0], gan_weight=0.0, divergence="rkl",
+                     guidance_sigma_max=1.0)  # fmt: skip
+    assert torch.equal(wcond.dm_guidance(sigma, w), torch.tensor([4.0, 3.0, 2.0, 1.0, 1.0, 1.0]))
+    target = wcond.teacher_denoise(x, sigma, label, wcond.dm_guidance(sigma, w))
+    guided = wcond.teacher_denoise(x, sigma, label, w)
+    unguided = wcond.teacher_denoise(x, sigma, label, torch.ones(6))
+    torch.testing.assert_close(target[:3], guided[:3])
+    torch.testing.assert_close(target[3:], unguided[3:])
+    assert not torch.allclose(guided[3:], unguided[3:])  # the teacher's CFG does change those rows
+    fixed = FDistill(teacher=str(files["teacher"]), guidance=3.0, gan_weight=0.0, divergence="rkl",
+                     guidance_sigma_max=1.0)  # fmt: skip
+    assert torch.equal(fixed.dm_guidance(sigma, None), torch.tensor([3.0, 3.0, 3.0, 1.0, 1.0, 1.0]))
+    off = FDistill(teacher=str(files["teacher"]), guidance=[1.0, 4.0], gan_weight=0.0, divergence="rkl")
+    assert off.dm_guidance(sigma, w) is w
+    # wired into the generator's loss: an interval below every σ is the unguided student's loss, bit for bit
+    kw = {"teacher": str(files["teacher"]), "gan_weight": 0.0, "divergence": "rkl"}
+    losses = []
+    for extra in ({"guidance": 3.0, "guidance_sigma_max": 1e-9}, {"guidance": 1.0}, {"guidance": 3.0}):
+        method = FDistill(**kw, **extra)
+        torch.manual_seed(0)
+        losses.append(method.loss_generator(torch.randn(8, 2), torch.arange(8) % 3)["dm"])
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
+    with pytest.raises(LitGenError, match="guidance_sigma_max must be >= 0"):
+        FDistill(teacher=str(files["teacher"]), guidance_sigma_max=-1.0)
+
+
 def test_tract_closure_target_keeps_each_rows_w(files: dict[str, Path]) -> None:
     """The Heun corrector and the second hop evaluate subsets of rows: w must stay with its row."""
     method = TRACT(teacher=str(files["teacher"]), schedule=(8, 1), steps_per_phase=10, guidance=[1.0, 4.0])

@@ -211,6 +211,12 @@ class FDistill(DistillationMethod):
         guidance: guidance scale of the distilled teacher (1 = unguided), or [w_min, w_max] for a w-conditioned
             generator (Meng et al. 2023).
         guide_teacher: a guiding model for autoguidance of the teacher (Karras et al. 2024).
+        guidance_sigma_max: the DM term's target is guided only at σ ≤ this (above it: w = 1, the conditional
+            teacher); 0 = at every σ. Classifier-free guidance extrapolates the class means at large σ, where no
+            distribution's denoiser (the fake score) can follow it: on digits at w = 4 the CFG x̂ at σ ≫ σ_data sits
+            0.99 (RMS) from the class means of the teacher's own w = 4 samples, which moved only 0.14 from w = 1,
+            and the w-conditioned one-step generator collapses there (benchmarks/RESULTS.md, issue 18). A limited
+            guidance interval (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval") avoids it.
         init_from_teacher: start generator and fake score from the teacher's weights.
         student_dropout: dropout of the student (and fake score) copied from the teacher; 0 = none (the
             references' setting), null = the teacher's rate.
@@ -305,6 +311,7 @@ class FDistill(DistillationMethod):
         warmup_steps: int = 0,
         decay_steps: int = 0,
         guide_teacher: str | None = None,
+        guidance_sigma_max: float = 0.0,
         lora: LoRASpec | None = None,
         teacher_zero3: str = "partition",
     ) -> None:
@@ -331,6 +338,7 @@ class FDistill(DistillationMethod):
             (ratio_bins >= 0 and 0.0 <= ratio_ema < 1.0, "need ratio_bins >= 0 and 0 <= ratio_ema < 1"),
             (fake_lr_scale > 0 and disc_lr_scale > 0, "fake_lr_scale and disc_lr_scale must be positive"),
             (ema_halflife_steps >= 0, f"ema_halflife_steps must be >= 0, got {ema_halflife_steps}"),
+            (guidance_sigma_max >= 0, f"guidance_sigma_max must be >= 0, got {guidance_sigma_max}"),
             (
                 0.0 <= ema_sigma_rel < math.sqrt(1 / 12),
                 f"ema_sigma_rel must be in [0, {math.sqrt(1 / 12):.4f}), got {ema_sigma_rel}",
@@ -370,6 +378,7 @@ class FDistill(DistillationMethod):
         self.lr_scales = {"generator": 1.0, "fake_score": float(fake_lr_scale), "discriminator": float(disc_lr_scale)}
         self.ema_halflife_steps = float(ema_halflife_steps)
         self.ema_sigma_rel = float(ema_sigma_rel)
+        self.guidance_sigma_max = float(guidance_sigma_max)
 
         # Fake score: a trainable copy of the teacher (DMD §3.2: initialised from the real score), with the
         # students' dropout (0 by default, ALGORITHMS.md §7).
@@ -509,6 +518,14 @@ class FDistill(DistillationMethod):
         h = self.divergence.h(r)
         return normalized_weights(h, self.reduce_sum), r
 
+    def dm_guidance(self, sigma: Tensor, w: Tensor | None) -> Tensor | None:
+        """The guidance weights of the DM term's teacher target: the generator's ``w`` (or the fixed ``guidance``),
+        replaced by 1 above ``guidance_sigma_max`` (a limited guidance interval); ``w`` itself when that is off."""
+        if self.guidance_sigma_max <= 0:
+            return w
+        scale = w if w is not None else torch.full_like(sigma, float(self.guidance if self.guidance else 1.0))
+        return torch.where(sigma > self.guidance_sigma_max, torch.ones_like(scale), scale.to(sigma.dtype))
+
     # ------------------------------------------------------------------------------------------------ losses
     def loss_fake_score(self, x0: Tensor, label: Tensor | None, w: Tensor | None = None) -> Tensor:
         """Denoising score matching of D_φ on sg(G_θ(z)) at σ from the shared noise distribution, weighted as the
@@ -561,7 +578,7 @@ class FDistill(DistillationMethod):
         u, sigma = self.sample_noise(x0.shape[0], x0)
         x_t = x0 + append_dims(sigma, x0.ndim).to(x0.dtype) * torch.randn_like(x0)
         with torch.no_grad(), eval_mode(self.fake_net):
-            x_teacher = self.teacher_denoise(x_t, sigma, label, w)
+            x_teacher = self.teacher_denoise(x_t, sigma, label, self.dm_guidance(sigma, w))
             x_fake = self.param.denoise(bind_guidance(self.fake_net, w), x_t, sigma, label)
         out: dict[str, Tensor] = {}
         weight = None
