@@ -226,8 +226,9 @@ def test_power_function_generator_ema_matches_the_post_hoc_ema_profile(
     assert any(not torch.allclose(ema[n], raw[n]) for n in ema)
     with pytest.raises(LitGenError, match="not both"):
         FDistill(teacher=str(teacher_ckpt), ema_halflife_steps=10, ema_sigma_rel=0.1)
-    with pytest.raises(LitGenError, match="ema_sigma_rel must be in"):
-        FDistill(teacher=str(teacher_ckpt), ema_sigma_rel=0.3)
+    for bad in (0.3, -0.1):
+        with pytest.raises(LitGenError, match="sigma_rel must be in"):
+            FDistill(teacher=str(teacher_ckpt), ema_sigma_rel=bad)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

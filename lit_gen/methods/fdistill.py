@@ -66,7 +66,6 @@ with detached weights (which would bypass ZeRO-3's gathering); the EMA update ru
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -340,10 +339,6 @@ class FDistill(DistillationMethod):
             (ema_halflife_steps >= 0, f"ema_halflife_steps must be >= 0, got {ema_halflife_steps}"),
             (guidance_sigma_max >= 0, f"guidance_sigma_max must be >= 0, got {guidance_sigma_max}"),
             (
-                0.0 <= ema_sigma_rel < math.sqrt(1 / 12),
-                f"ema_sigma_rel must be in [0, {math.sqrt(1 / 12):.4f}), got {ema_sigma_rel}",
-            ),
-            (
                 not (ema_halflife_steps > 0 and ema_sigma_rel > 0),
                 "set one of ema_halflife_steps and ema_sigma_rel, not both",
             ),
@@ -378,6 +373,8 @@ class FDistill(DistillationMethod):
         self.lr_scales = {"generator": 1.0, "fake_score": float(fake_lr_scale), "discriminator": float(disc_lr_scale)}
         self.ema_halflife_steps = float(ema_halflife_steps)
         self.ema_sigma_rel = float(ema_sigma_rel)
+        # γ of the power-function EMA, once (gamma_from_sigma_rel gives the one-line error for a width out of range)
+        self.ema_gamma = gamma_from_sigma_rel(self.ema_sigma_rel) if self.ema_sigma_rel != 0 else None
         self.guidance_sigma_max = float(guidance_sigma_max)
 
         # Fake score: a trainable copy of the teacher (DMD §3.2: initialised from the real score), with the
@@ -390,7 +387,7 @@ class FDistill(DistillationMethod):
         if self.divergence.needs_ratio or self.gan_weight > 0:
             self.disc = MultiLevelDiscriminator(self.feature_shapes(), hidden=disc_hidden, pool=disc_pool)
         self.net_ema: nn.Module | None = None
-        if self.ema_halflife_steps > 0 or self.ema_sigma_rel > 0:
+        if self.ema_halflife_steps > 0 or self.ema_gamma is not None:
             self.net_ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         # Method state (DESIGN style 9): checkpointed with the module.
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
@@ -747,8 +744,8 @@ class FDistill(DistillationMethod):
         if self.net_ema is None:
             return
         k = int(self.generator_updates)
-        if self.ema_sigma_rel > 0:
-            beta = power_beta(k, gamma_from_sigma_rel(self.ema_sigma_rel))
+        if self.ema_gamma is not None:
+            beta = power_beta(k, self.ema_gamma)
         else:
             beta = min(0.5 ** (1.0 / self.ema_halflife_steps), (1 + k) / (10 + k))
         with gathered_copy(self.net_ema, self.net):
