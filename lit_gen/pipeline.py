@@ -18,9 +18,12 @@ At the end the runner writes ``OUT/report.html`` (``lit_gen.report``: table, gri
 ``fit`` stage logs one line with its time, final losses and checkpoint.
 
 A stage that finished leaves ``OUT/<stage>/.done`` and is skipped when the pipeline runs again; an unfinished ``fit``
-stage resumes from its ``last.ckpt`` (``--ckpt_path last``). Relative recipe paths resolve against the current
-folder, then against the folder that holds ``recipes/``. ``lit-gen quickstart`` is this runner on
-``recipes/pipelines/digits.yaml``.
+stage resumes from its ``last.ckpt`` (``--ckpt_path last``). ``.done`` records the stage's settings: its entry in the
+recipe, the parsed content of a fit's recipe file, ``--tiny``, and the settings of every stage it reads (so a change
+upstream reaches it). A finished stage whose settings changed since it ran is run again, its old outputs moved to
+``OUT/.previous/<stage>-<time>/`` (kept, never deleted; the report does not read them). Relative recipe paths
+resolve against the current folder, then against the folder that holds ``recipes/``. ``lit-gen quickstart`` is this
+runner on ``recipes/pipelines/digits.yaml``.
 
 ``jobs`` > 1 (``lit-gen pipeline --jobs N``; ``lit-gen quickstart`` defaults to ``auto_jobs``: all the fit stages
 that can run at once, up to two per core) runs up to N ``fit`` stages at once, each as its own ``lit-gen fit``
@@ -34,6 +37,7 @@ checkpoints; under SLURM the job is requeued once, after all of them saved.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -50,6 +54,7 @@ import yaml
 from lit_gen.errors import LitGenError
 
 DONE = ".done"
+PREVIOUS = ".previous"  # OUT/.previous/<stage>-<time>/: the outputs of a finished stage whose settings changed
 FIT_LOG = "fit.log"
 STOPPED = 75  # exit status of a pipeline fit process stopped by a preemption signal (checkpoint saved)
 PIPELINE_KEYS = {"name", "description", "stages"}
@@ -189,8 +194,36 @@ class Runner:
     def last_checkpoint(self, name: str) -> Path:
         return self.stage_dir(name) / "checkpoints" / "last.ckpt"
 
+    def settings(self, name: str) -> str:
+        """A fingerprint of what stage ``name`` computes: its recipe entry, ``--tiny``, and (recursively) the
+        settings of the stages it reads. Recorded in ``.done``; a change means the stage's outputs are stale."""
+        stage = next(s for s in self.pipeline.stages if s.name == name)
+        upstream = {need: self.settings(need) for need in sorted(stage.needs())}
+        recipe = None
+        if stage.kind == "fit":  # the recipe's parsed content (its comments may change freely)
+            try:
+                recipe = yaml.safe_load(self.pipeline.resolve(stage.spec["recipe"]).read_text())
+            except (LitGenError, yaml.YAMLError):  # reported when the stage runs
+                recipe = stage.spec["recipe"]
+        record = {"kind": stage.kind, "spec": stage.spec, "recipe": recipe, "tiny": self.tiny, "needs": upstream}
+        text = json.dumps(record, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _recorded(self, name: str) -> str | None:
+        """The settings ``.done`` recorded (None: not done, or a ``.done`` written before settings were recorded)."""
+        try:
+            record = json.loads((self.stage_dir(name) / DONE).read_text())
+        except (OSError, ValueError):
+            return None
+        return record.get("settings") if isinstance(record, dict) else None
+
+    def stale(self, name: str) -> bool:
+        """Finished, but with other settings than the recipe's now (a ``.done`` without settings is trusted)."""
+        recorded = self._recorded(name)
+        return recorded is not None and recorded != self.settings(name)
+
     def done(self, name: str) -> bool:
-        return (self.stage_dir(name) / DONE).exists()
+        return (self.stage_dir(name) / DONE).exists() and not self.stale(name)
 
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -208,12 +241,23 @@ class Runner:
         if self.done(stage.name):
             self.log(f"[{i}/{self._total}] {stage.name}: done earlier, skipped")
             return True
+        if self.stale(stage.name):  # finished with other settings: keep its outputs aside and run it again
+            old = self.stage_dir(stage.name)
+            kept = self.out / PREVIOUS / f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            old.rename(kept)
+            self.log(
+                f"[{i}/{self._total}] {stage.name}: its settings changed since it ran: running it again (the old "
+                f"outputs are in {kept})"
+            )
         return False
 
     def _finished(self, i: int, stage: Stage, t0: float, summary: str | None) -> None:
         done = self.stage_dir(stage.name) / DONE
         done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(f"{time.time() - t0:.1f}\n")
+        done.write_text(
+            json.dumps({"seconds": round(time.time() - t0, 1), "settings": self.settings(stage.name)}) + "\n"
+        )
         self.log(
             f"[{i}/{self._total}] {stage.name}: finished in {time.time() - t0:.0f}s "
             f"(total {time.time() - self._start:.0f}s)" + (f"; {summary}" if summary else "")

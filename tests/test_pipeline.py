@@ -252,3 +252,34 @@ def test_quickstart_runs_its_three_students_at_once(monkeypatch: pytest.MonkeyPa
     for cores, jobs in ((1, 2), (2, 3), (16, 3)):
         monkeypatch.setattr("lit_gen.pipeline.cpu_count", lambda cores=cores: cores)
         assert auto_jobs(quickstart) == jobs
+
+
+def test_a_finished_stage_whose_settings_changed_runs_again_and_its_old_outputs_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found when a quickstart re-run after a change to the f-distill stage's args skipped it as 'done' and reported
+    the old student: `.done` records the stage's settings; a change there (or upstream) runs it, and what it reads
+    from, again, keeping the old outputs under OUT/.previous/."""
+    runner, lines = parallel_runner(tmp_path, monkeypatch, jobs=2)
+    runner.run()
+    first = {name: ran(runner, name)["start"] for name in "teacher a b c".split()}
+    # A changed student entry: only that student runs again.
+    stage = next(s for s in runner.pipeline.stages if s.name == "b")
+    stage.spec["args"] = {"model.init_args.lr": 1e-4}
+    assert runner.stale("b") and not runner.done("b") and runner.done("a")
+    lines.clear()
+    runner.run()
+    assert ran(runner, "b")["start"] > first["b"]
+    assert all(ran(runner, name)["start"] == first[name] for name in "teacher a c".split())
+    assert any("b: its settings changed since it ran: running it again" in line for line in lines)
+    kept = list((runner.out / ".previous").glob("b-*"))
+    assert len(kept) == 1 and (kept[0] / "ran.json").is_file() and runner.done("b")
+    # A changed recipe file under the teacher (not its comments) reaches every stage that reads the teacher.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("# only a comment\n{}\n")
+    assert all(runner.done(name) for name in "teacher a b c".split())
+    recipe.write_text("trainer: {max_steps: 3}\n")
+    assert all(runner.stale(name) for name in "teacher a b c".split())
+    # A .done written before settings were recorded (a plain number of seconds) is trusted as done.
+    (runner.stage_dir("a") / ".done").write_text("12.5\n")
+    assert runner.done("a") and not runner.stale("a")

@@ -103,7 +103,7 @@ def find_runs(source: Path) -> list[Run]:
     (pipeline stages), in the order they finished (``.done`` time), then by name."""
     if (source / "tb").is_dir():
         return [Run(source.name, source)]
-    folders = [p for p in sorted(source.iterdir()) if p.is_dir() and event_dirs(p)]
+    folders = [p for p in sorted(source.iterdir()) if p.is_dir() and not p.name.startswith(".") and event_dirs(p)]
 
     def order(p: Path) -> tuple[float, str]:
         done = p / ".done"
