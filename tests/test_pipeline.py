@@ -283,3 +283,17 @@ def test_a_finished_stage_whose_settings_changed_runs_again_and_its_old_outputs_
     # A .done written before settings were recorded (a plain number of seconds) is trusted as done.
     (runner.stage_dir("a") / ".done").write_text("12.5\n")
     assert runner.done("a") and not runner.stale("a")
+
+
+def test_pipelines_meant_to_share_a_folder_agree_on_every_stage_they_share() -> None:
+    """The headroom, TRACT-ablation and seeds pipelines run into the quickstart's folder to reuse its stages; a stage
+    name they share must mean the same stage, or each run would redo the other's (settings recorded in `.done`)."""
+    import itertools
+
+    names = ["digits", "digits_headroom", "digits_tract_ablation", "digits_tract_btd_seeds"]
+    read = {n: Pipeline.read(REPO / "recipes" / "pipelines" / f"{n}.yaml") for n in names}
+    for a, b in itertools.combinations(names, 2):
+        stages_a = {s.name: s for s in read[a].stages}
+        for stage in read[b].stages:
+            if stage.name in stages_a:
+                assert stage.spec == stages_a[stage.name].spec, (a, b, stage.name)
