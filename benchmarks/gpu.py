@@ -6,9 +6,9 @@
 
 What runs: ``lit-gen fit`` itself (in this process: the recipe's shard stream, Lightning loop, EMA and checkpoint
 callbacks, the always-on guards, TensorBoard logging) on random CIFAR-shaped shards (3x32x32 uint8, 10 classes) with
-each recipe of recipes/cifar10 (teacher, tract, cd, fdistill_js) at its own batch size and bf16-mixed precision.
-The distillation recipes get the teacher trained by the first cell as their teacher (speed does not depend on the
-weights). Variants of every recipe:
+each recipe of recipes/cifar10 (teacher, tract, cd, fdistill_js, sct, sCD = sct with the teacher, meanflow) at its
+own batch size and bf16-mixed precision. The distillation recipes get the teacher trained by the first cell as their
+teacher (speed does not depend on the weights). Variants of every recipe:
 
 - ``eager``: as shipped;
 - ``cl``: channels-last weights (``callbacks.compile.Compile(compile=false, channels_last=true)``);
@@ -54,7 +54,20 @@ RECIPES = {
     "tract": "recipes/cifar10/tract.yaml",
     "cd": "recipes/cifar10/cd.yaml",
     "fdistill": "recipes/cifar10/fdistill_js.yaml",
+    "sct": "recipes/cifar10/sct.yaml",
+    "scd": "recipes/cifar10/sct.yaml",
+    "meanflow": "recipes/cifar10/meanflow.yaml",
 }
+# sCD: the sCT recipe distilling the teacher instead (its own TrigFlow network; the same cost per step as sCT plus
+# one teacher forward, the number to set beside CD's).
+METHOD_ARGS = {
+    "scd": ["--model.init_args.training=scd", "--model.init_args.init_from_teacher=false",
+            "--model.init_args.net.init_args.dropout=0"],  # distilled students train with dropout 0
+}  # fmt: skip
+# Recipes trained from data alone (no --model.init_args.teacher) and recipes with a network of their own (--tiny
+# shrinks it; the other students inherit the teacher's).
+FROM_DATA = {"teacher", "sct", "meanflow"}
+OWN_NET = FROM_DATA | {"scd"}
 VARIANTS = {
     "eager": [],
     "cl": ["--trainer.callbacks+=callbacks.compile.Compile", "--trainer.callbacks.compile=false",
@@ -135,12 +148,12 @@ def fit_args(args: argparse.Namespace, method: str, shards: Path, root: Path, te
     out += ["--trainer.devices=1"]
     if args.tiny:
         out += ["--trainer.accelerator=cpu", f"--data.init_args.batch_size={args.batch}"]
-        out += TINY_NET if method == "teacher" else []
+        out += TINY_NET if method in OWN_NET else []
     elif args.batch:
         out += [f"--data.init_args.batch_size={args.batch}"]
-    if method != "teacher":
+    if method not in FROM_DATA:
         out += [f"--model.init_args.teacher={teacher}"]
-    return out + [
+    return out + METHOD_ARGS.get(method, []) + [
         f"--data.init_args.shards={shards}", f"--data.init_args.num_workers={args.workers}",
         "--data.init_args.shuffle_buffer=100", f"--trainer.default_root_dir={root}",
         f"--trainer.max_steps={args.warmup + args.steps}", "--trainer.enable_progress_bar=false",
@@ -191,7 +204,8 @@ def run_engine(args: argparse.Namespace, engine: str, shards: Path, teacher: Pat
         "main(sys.argv[1:])\n"
         f"json.dump({{k: gpu.STATE.get(k) for k in ('starts', 'peak')}}, open({str(result)!r}, 'w'))\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "benchmarks"), str(REPO)]))
+    path = [str(REPO / "benchmarks"), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     if engine == "zero2" and args.tiny:
         env["DS_ACCELERATOR"] = "cpu"
     argv = [*fit_args(args, "teacher", shards, root, teacher), *overlay]
@@ -302,7 +316,13 @@ def main() -> None:
         if method == "engine":
             rows.append(run_engine(args, variant, shards, teacher))
         else:
-            rows.append(run_cell(args, method, variant, shards, teacher))
+            try:
+                rows.append(run_cell(args, method, variant, shards, teacher))
+            except (Exception, SystemExit) as err:  # one failing cell (a kernel without forward AD, say) is a row
+                import traceback
+
+                traceback.print_exc()
+                rows.append({"method": name, "variant": variant, "error": f"failed: {str(err)[:160] or type(err)}"})
         row = rows[-1]
         print(f"{name} {variant}: " + (row["error"] if "error" in row else f"{1e3 * row['step_s']:.1f} ms/step"))
     text = f"{machine(args)}; {args.steps} timed steps after {args.warmup}; total {time.perf_counter() - begin:.0f} s"

@@ -26,12 +26,15 @@ def test_gpu_benchmark_tiny_runs_every_cell(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
     cells = {(r["method"], r["variant"]) for r in rows if "step_s" in r}
-    expected = {(m, v) for m in ("teacher", "tract", "cd", "fdistill") for v in ("eager", "cl", "compile+cl")}
+    methods = ("teacher", "tract", "cd", "fdistill", "sct", "scd", "meanflow")
+    expected = {(m, v) for m in methods for v in ("eager", "cl", "compile+cl")}
     assert cells == expected | {("teacher", "ddp"), ("teacher", "zero2")}, [r.get("error") for r in rows]
     flops = {r["method"]: r["flops"] for r in rows if r.get("flops")}
-    assert set(flops) == {"teacher", "tract", "cd", "fdistill"}
-    # TRACT's and CD's steps run the student and a frozen teacher: more model FLOPs than the teacher's own step
+    assert set(flops) == set(methods)
+    # TRACT's and CD's steps run the student and a frozen teacher: more model FLOPs than the teacher's own step;
+    # sCD is sCT plus the teacher's forward (the JVP recipes under bf16 autocast: the GroupNorm dtype defect)
     assert flops["tract"] > flops["teacher"] and flops["cd"] > flops["teacher"]
+    assert flops["scd"] > flops["sct"] > flops["teacher"]
     assert "| teacher | zero2 |" in proc.stdout and "GFLOP/step" in proc.stdout
 
 

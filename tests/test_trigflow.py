@@ -135,6 +135,26 @@ def test_jvp_through_lit_gen_nets() -> None:
     assert (exact - finite).abs().max() <= 0.05 * float(exact.abs().max())
 
 
+def test_jvp_through_the_unet_under_bf16_autocast() -> None:
+    """The tangent pass of sCM/MeanFlow runs under bf16-mixed (the GPU recipes' precision; CPU autocast here):
+    plain nn.GroupNorm gave a bf16 output with a float32 tangent under CPU autocast and the next convolution failed
+    on mixed dtypes. The bf16 tangent agrees with the float32 one to bf16 accuracy."""
+    net = _randomised(UNet(8, 1, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)), 6)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.3)
+    gen = torch.Generator().manual_seed(7)
+    x_in, dx = torch.randn(3, 1, 8, 8, generator=gen), torch.randn(3, 1, 8, 8, generator=gen)
+    t, dt = torch.tensor([0.3, 0.8, 1.3]), torch.tensor([0.2, 0.4, 0.1])
+    fn = TrigFlow().bind(net)
+    with torch.no_grad():
+        _, full = jvp_time_derivative(fn, x_in, t, dx, dt, "autograd")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, mixed = jvp_time_derivative(fn, x_in, t, dx, dt, "autograd")
+    assert full.abs().max() > 1e-3
+    assert (mixed.float() - full).abs().max() <= 0.05 * float(full.abs().max())
+
+
 # --- an analytic Gaussian teacher: data N(0, s² I), exact denoiser D*(x; σ) = s²/(s² + σ²) x (EDM coordinates) ---
 S, SD = 0.8, 0.5
 

@@ -35,12 +35,31 @@ SKIP_SCALE = math.sqrt(0.5)  # residual sums are scaled by 1/sqrt(2) to keep uni
 GROUPNORM_EPS = 1e-6
 
 
+class Float32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input's dtype (the same parameters and state-dict keys).
+
+    Under autocast the result stays float32, as CUDA's autocast policy already runs ``group_norm``; outside it,
+    the result goes back to the input's dtype (a frozen teacher kept in bf16). Why not plain ``nn.GroupNorm``: CPU
+    autocast runs it in bf16, and there forward-mode AD (sCM's and MeanFlow's ``torch.func.jvp``) returns a float32
+    tangent for the bf16 output, so the next convolution fails on mixed dtypes (torch 2.14, seen in
+    benchmarks/gpu.py --tiny). For float32 and float64 inputs this is exactly ``nn.GroupNorm``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return super().forward(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        out = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
+        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+
 def group_norm(num_channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 32 groups of at least 4 channels (EDM's rule), so tiny widths work too."""
     groups = max(1, min(32, num_channels // 4))
     while num_channels % groups:
         groups -= 1
-    return nn.GroupNorm(groups, num_channels, eps=GROUPNORM_EPS)
+    return Float32GroupNorm(groups, num_channels, eps=GROUPNORM_EPS)
 
 
 def _xavier(layer: nn.Conv2d | nn.Linear, gain: float = 1.0) -> nn.Conv2d | nn.Linear:
