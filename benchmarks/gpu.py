@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -319,8 +320,6 @@ def main() -> None:
             try:
                 rows.append(run_cell(args, method, variant, shards, teacher))
             except (Exception, SystemExit) as err:  # one failing cell (a kernel without forward AD, say) is a row
-                import traceback
-
                 traceback.print_exc()
                 rows.append({"method": name, "variant": variant, "error": f"failed: {str(err)[:160] or type(err)}"})
         row = rows[-1]
